@@ -1,0 +1,47 @@
+"""Multi-process training on machines without CUDA (gloo), through mmengine's launcher path."""
+import os
+
+import torch
+import torch.distributed as torch_dist
+from mmengine.model import MMDistributedDataParallel
+from mmengine.registry import MODEL_WRAPPERS
+
+__all__ = ['DeviceAgnosticDDP', 'setup_distributed']
+
+
+@MODEL_WRAPPERS.register_module()
+class DeviceAgnosticDDP(MMDistributedDataParallel):
+    """``MMDistributedDataParallel`` that also wraps a CPU module.
+
+    mmengine passes ``device_ids=[LOCAL_RANK]``, which DDP accepts for CUDA
+    modules only; for a CPU module the ids are dropped (DDP's CPU mode).
+    """
+
+    def __init__(self, module, detect_anomalous_params: bool = False, **kwargs):
+        if next(module.parameters()).device.type == 'cpu':
+            kwargs['device_ids'] = None
+            kwargs['output_device'] = None
+        super().__init__(module, detect_anomalous_params=detect_anomalous_params, **kwargs)
+
+
+def setup_distributed(cfg, launcher: str) -> None:
+    """Prepare ``cfg`` for ``launcher`` when there is no CUDA device.
+
+    mmengine's ``pytorch`` launcher calls ``torch.cuda.set_device`` and wraps the
+    model with ``device_ids=[LOCAL_RANK]``; without CUDA, start the gloo process
+    group here (the Runner then skips its own ``init_dist``) and use
+    :class:`DeviceAgnosticDDP`. With CUDA nothing changes.
+    """
+    if launcher == 'none' or torch.cuda.is_available():
+        return
+    if launcher != 'pytorch':
+        raise ValueError(f'launcher {launcher!r} needs CUDA; on CPU use --launcher pytorch '
+                         'under torchrun (gloo backend).')
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend='gloo', init_method='env://',
+                                      rank=int(os.environ['RANK']),
+                                      world_size=int(os.environ['WORLD_SIZE']))
+    cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
+    wrapper = cfg.get('model_wrapper_cfg') or {}
+    if wrapper.get('type', 'MMDistributedDataParallel') == 'MMDistributedDataParallel':
+        cfg.model_wrapper_cfg = dict(wrapper, type='DeviceAgnosticDDP')

@@ -1,0 +1,82 @@
+"""The deploy path: RefConv -> plain ``nn.Conv2d``, on a model or on a bare state dict."""
+from collections import OrderedDict
+from typing import Dict, List, Mapping
+
+import torch
+import torch.nn as nn
+
+from .refconv import RefConv2d
+from .refocus import refocus_kernel
+
+__all__ = ['merge_refconv', 'merge_state_dict', 'refconv_prefixes', 'REFOCUS_KEY']
+
+REFOCUS_KEY = 'refocus_weight'
+
+
+def _plain_conv(m: RefConv2d) -> nn.Conv2d:
+    conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                     m.dilation, m.groups, m.bias is not None, m.padding_mode,
+                     device=m.weight.device, dtype=m.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(m.refocused_kernel())
+        if m.bias is not None:
+            conv.bias.copy_(m.bias)
+    conv.train(m.training)
+    return conv
+
+
+@torch.no_grad()
+def merge_refconv(model: nn.Module) -> nn.Module:
+    """Replace every :class:`RefConv2d` in ``model`` by a plain ``nn.Conv2d``, in place.
+
+    The plain conv holds the refocused kernel ``W_b + T(W_b)``, so outputs are
+    unchanged and ``model.state_dict()`` has the keys the original (plain)
+    config builds. Returns ``model`` (or the new conv if ``model`` is a RefConv).
+    """
+    if isinstance(model, RefConv2d):
+        return _plain_conv(model)
+    for name, child in list(model.named_children()):
+        if isinstance(child, RefConv2d):
+            setattr(model, name, _plain_conv(child))
+        else:
+            merge_refconv(child)
+    return model
+
+
+def refconv_prefixes(state_dict: Mapping[str, torch.Tensor]) -> List[str]:
+    """Module prefixes (``'backbone.conv1.'``) of the RefConv layers in a state dict."""
+    return [k[:-len(REFOCUS_KEY)] for k in state_dict if k.endswith('.' + REFOCUS_KEY)
+            or k == REFOCUS_KEY]
+
+
+@torch.no_grad()
+def merge_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Merge a RefConv state dict into a plain one, without building a model.
+
+    Each ``<prefix>refocus_weight`` is folded into ``<prefix>weight`` by
+    :func:`refocus_kernel` and dropped; every other entry is kept, in order.
+    The input is not modified.
+
+    Raises:
+        ValueError: if a ``refocus_weight`` has no basis ``weight`` beside it or
+            their shapes do not fit.
+    """
+    prefixes = set(refconv_prefixes(state_dict))
+    merged = OrderedDict()
+    for key, value in state_dict.items():
+        if key.endswith(REFOCUS_KEY) and key[:-len(REFOCUS_KEY)] in prefixes:
+            continue
+        prefix = key[:-len('weight')] if key.endswith('weight') else None
+        if prefix is not None and prefix in prefixes:
+            refocus = state_dict[prefix + REFOCUS_KEY]
+            # Merge in fp32 at least, then store in the basis dtype.
+            dtype = torch.promote_types(value.dtype, torch.float32)
+            value = refocus_kernel(value.to(dtype), refocus.to(dtype)).to(value.dtype)
+        merged[key] = value
+    missing = sorted(p for p in prefixes if p + 'weight' not in state_dict)
+    if missing:
+        raise ValueError(f'merge_state_dict: {REFOCUS_KEY} without a basis weight for '
+                         f'{missing[:5]}; the state dict is incomplete or not a RefConv one.')
+    if hasattr(state_dict, '_metadata'):
+        merged._metadata = state_dict._metadata  # keep per-module versions for load_state_dict
+    return merged

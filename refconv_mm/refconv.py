@@ -1,0 +1,148 @@
+"""RefConv: a drop-in ``nn.Conv2d`` whose kernel is refocused from a frozen basis."""
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.registry import MODELS
+
+from .refocus import refocus_kernel, refocus_weight_shape, refocused_conv2d
+
+__all__ = ['RefConv2d']
+
+_IntOrPair = Union[int, Tuple[int, int]]
+INIT_MODES = ('zero', 'official')
+
+
+@MODELS.register_module('RefConv')
+class RefConv2d(nn.Conv2d):
+    """Re-parameterized Refocusing Convolution (arXiv 2310.10563).
+
+    The conv's ``weight`` (and ``bias``) are the *basis*: the trained parameters
+    of the conv this layer replaces, under the same state-dict keys, frozen at
+    construction. ``refocus_weight`` parameterizes the refocusing transformation
+    ``T`` and the conv runs with ``W = W_b + T(W_b)``
+    (:func:`refconv_mm.refocus.refocus_kernel`). ``merge_refconv`` turns it back
+    into a plain ``nn.Conv2d``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation,
+        groups, bias, padding_mode: As ``nn.Conv2d``.
+        map_k: Refocusing kernel size (odd). Along each axis it is capped at the
+            largest odd number not above the conv's kernel size (so a 1x1 conv
+            gets a 1x1 map and a 1x7 conv a 1x3 map).
+        init: ``'zero'`` (default): ``T = 0``, so refocus training starts exactly
+            at the pretrained function and cannot lose accuracy on step one.
+            ``'official'``: the official code's ``nn.Conv2d`` default
+            (Kaiming-uniform, a=sqrt(5)), which perturbs the kernel at start.
+        transposed, output_padding: Accepted so that a wrong config fails
+            clearly; RefConv has no transposed form.
+    """
+
+    def __init__(self,
+                 in_channels: int,
+                 out_channels: int,
+                 kernel_size: _IntOrPair,
+                 stride: _IntOrPair = 1,
+                 padding: Union[str, _IntOrPair] = 0,
+                 dilation: _IntOrPair = 1,
+                 groups: int = 1,
+                 bias: bool = True,
+                 padding_mode: str = 'zeros',
+                 map_k: int = 3,
+                 init: str = 'zero',
+                 transposed: bool = False,
+                 output_padding: _IntOrPair = 0,
+                 device=None,
+                 dtype=None) -> None:
+        if transposed or output_padding not in (0, (0, 0), [0, 0]):
+            raise ValueError(
+                f'RefConv: transposed={transposed!r}, output_padding={output_padding!r}: RefConv '
+                'refocuses regular convs only; keep the transposed conv plain (no RefConv '
+                'conv_cfg on that module).')
+        for name, c in (('in_channels', in_channels), ('out_channels', out_channels)):
+            if not isinstance(groups, int) or groups <= 0 or c % groups:
+                raise ValueError(f'RefConv: {name}={c} is not divisible by groups={groups!r}; '
+                                 'use a groups value that divides both channel counts.')
+        if init not in INIT_MODES:
+            raise ValueError(f'RefConv: init={init!r} is not one of {INIT_MODES}.')
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
+        # Raises for an even or non-positive map_k.
+        shape = refocus_weight_shape(out_channels, in_channels, groups, self.kernel_size, map_k)
+        self.map_k = map_k
+        self.init = init
+        self.refocus_weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        # The basis is frozen before any optimizer or DDP wrapper sees the model.
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.basis_loaded = False
+        self._kernel_cache: Optional[Tuple[tuple, torch.Tensor]] = None
+        self.init_weights()
+
+    # -- initialisation -------------------------------------------------
+    def init_weights(self) -> None:
+        """(Re)initialise the refocusing weights; the basis is left alone.
+
+        ConvModule and mmengine's BaseModule call this instead of re-initialising
+        the conv, so a head's ``init_cfg`` cannot overwrite ``refocus_weight``.
+        """
+        with torch.no_grad():
+            if self.init == 'zero':
+                self.refocus_weight.zero_()
+            else:
+                nn.init.kaiming_uniform_(self.refocus_weight, a=math.sqrt(5))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        basis = state_dict.get(prefix + 'weight')
+        if basis is not None and tuple(basis.shape) == tuple(self.weight.shape):
+            self.basis_loaded = True
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    # -- forward --------------------------------------------------------
+    def refocused_kernel(self) -> torch.Tensor:
+        """The kernel the conv runs with, ``W_b + T(W_b)`` (autograd-tracked)."""
+        return refocus_kernel(self.weight, self.refocus_weight)
+
+    def _cache_key(self) -> tuple:
+        w, r = self.weight, self.refocus_weight
+        return (w.data_ptr(), w._version, r.data_ptr(), r._version, w.device, w.dtype, r.dtype)
+
+    def eval_kernel(self) -> torch.Tensor:
+        """The refocused kernel without autograd, computed once per weight version."""
+        key = self._cache_key()
+        if self._kernel_cache is None or self._kernel_cache[0] != key:
+            with torch.no_grad():
+                self._kernel_cache = (key, self.refocused_kernel())
+        return self._kernel_cache[1]
+
+    def train(self, mode: bool = True) -> 'RefConv2d':
+        self._kernel_cache = None  # a training kernel is never cached
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if self.padding_mode != 'zeros':
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        needs_grad = torch.is_grad_enabled() and (self.refocus_weight.requires_grad
+                                                  or self.weight.requires_grad)
+        if not needs_grad and not self.training:
+            return F.conv2d(x, self.eval_kernel(), self.bias, self.stride, padding,
+                            self.dilation, self.groups)
+        if isinstance(padding, str):  # 'same' / 'valid': let F.conv2d resolve it
+            return F.conv2d(x, self.refocused_kernel(), self.bias, self.stride, padding,
+                            self.dilation, self.groups)
+        return refocused_conv2d(x, self.weight, self.refocus_weight, self.bias, self.stride,
+                                padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f', map_k={self.map_k}, init={self.init}'
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._kernel_cache = None

@@ -1,0 +1,129 @@
+"""The refocusing transformation: the one place where RefConv's math lives.
+
+A conv kernel ``W_b`` of shape ``(Cout, Cin/g, kh, kw)`` is viewed as a one-image
+batch ``(1, Cout*Cin/g, kh, kw)`` of 2-D kernels. The refocusing transformation
+``T`` is a conv over that image with ``Cin*Cout/g^2`` groups (each group maps
+``g`` kernels to ``g`` kernels), zero padding ``map // 2`` and no bias, and the
+kernel actually used is ``W = W_b + T(W_b)`` (RefConv, arXiv 2310.10563).
+
+For a regular conv (g=1) every 2-D kernel is refocused on its own; for a
+depthwise conv (g=Cin=Cout) a single group mixes all channels' kernels.
+The layer's forward, its eval cache and the state-dict merge all call
+:func:`refocus_kernel`.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['refocus_kernel', 'refocus_map_size', 'refocus_weight_shape', 'refocused_conv2d']
+
+
+def refocus_map_size(kernel_size: Tuple[int, int], map_k: int) -> Tuple[int, int]:
+    """Size of the refocusing kernel for a conv kernel of ``kernel_size``.
+
+    Along each axis the map is ``min(map_k, largest odd number <= kernel size)``:
+    an odd map with padding ``map // 2`` keeps the kernel's shape, and a map wider
+    than the kernel would only ever see its zero padding.
+
+    Args:
+        kernel_size: ``(kh, kw)`` of the conv being refocused.
+        map_k: The requested (odd, positive) refocusing kernel size.
+
+    Returns:
+        ``(mh, mw)``, both odd.
+    """
+    if not isinstance(map_k, int) or isinstance(map_k, bool) or map_k <= 0 or map_k % 2 == 0:
+        raise ValueError(f'RefConv: map_k={map_k!r} must be a positive odd integer '
+                         '(e.g. map_k=3, the paper\'s default) so that T keeps the kernel shape.')
+    return tuple(min(map_k, k if k % 2 else k - 1) for k in kernel_size)
+
+
+def refocus_weight_shape(out_channels: int, in_channels: int, groups: int,
+                         kernel_size: Tuple[int, int], map_k: int) -> Tuple[int, int, int, int]:
+    """Shape of the refocusing weights ``(Cout*Cin/g, g, mh, mw)`` for a conv."""
+    mh, mw = refocus_map_size(kernel_size, map_k)
+    return (out_channels * in_channels // groups, groups, mh, mw)
+
+
+def refocus_kernel(basis: torch.Tensor, refocus_weight: torch.Tensor) -> torch.Tensor:
+    """Return the refocused kernel ``W_b + T(W_b)``.
+
+    Args:
+        basis: The frozen basis kernel, shape ``(Cout, Cin/g, kh, kw)``.
+        refocus_weight: The refocusing weights, shape ``(Cout*Cin/g, g, mh, mw)``
+            with odd ``mh, mw``; ``g`` (the conv's groups) is read from it.
+
+    Returns:
+        A kernel with the shape, dtype and device of ``basis``.
+    """
+    n, g, mh, mw = refocus_weight.shape
+    cout, cin_g, kh, kw = basis.shape
+    if n != cout * cin_g:
+        raise ValueError(f'RefConv: refocus weight of shape {tuple(refocus_weight.shape)} does not '
+                         f'fit a basis of shape {tuple(basis.shape)} (expected {cout * cin_g} '
+                         '2-D kernels in dim 0).')
+    flat = basis.reshape(1, n, kh, kw)
+    # T: a conv over the kernels viewed as one image, groups = Cin*Cout/g^2.
+    mapped = F.conv2d(flat, refocus_weight.to(basis.dtype), None, 1, (mh // 2, mw // 2), 1, n // g)
+    return basis + mapped.view_as(basis)
+
+
+class _RefocusedConv2d(torch.autograd.Function):
+    """``conv2d(x, refocus_kernel(basis, refocus_weight))`` that does not keep the kernel.
+
+    Autograd would hold every layer's refocused kernel until backward; this
+    recomputes it there instead (it is cheap next to the conv), so training
+    memory stays close to a plain conv's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, basis, refocus_weight, bias, stride, padding, dilation, groups):
+        with torch.no_grad():
+            kernel = refocus_kernel(basis, refocus_weight)
+        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.save_for_backward(x, basis, refocus_weight, bias)
+        return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, basis, refocus_weight, bias = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        need_x, need_basis, need_refocus, need_bias = ctx.needs_input_grad[:4]
+        need_kernel = need_basis or need_refocus
+        with torch.enable_grad():
+            b = basis.detach().requires_grad_(need_basis)
+            r = refocus_weight.detach().requires_grad_(need_refocus)
+            kernel = refocus_kernel(b, r)
+        grad_x, grad_kernel, grad_bias = torch.ops.aten.convolution_backward(
+            grad_out, x, kernel.detach(), None if bias is None else [bias.shape[0]],
+            _pair(stride), _pair(padding), _pair(dilation), False, [0, 0], groups,
+            [need_x, need_kernel, need_bias])
+        grad_basis = grad_refocus = None
+        if need_kernel:
+            wrt = [t for t, need in ((b, need_basis), (r, need_refocus)) if need]
+            grads = list(torch.autograd.grad(kernel, wrt, grad_kernel))
+            grad_basis = grads.pop(0) if need_basis else None
+            grad_refocus = grads.pop(0) if need_refocus else None
+        return grad_x, grad_basis, grad_refocus, grad_bias, None, None, None, None
+
+
+def _pair(v) -> list:
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+def refocused_conv2d(x: torch.Tensor, basis: torch.Tensor, refocus_weight: torch.Tensor,
+                     bias: Optional[torch.Tensor], stride=1, padding=0, dilation=1,
+                     groups: int = 1) -> torch.Tensor:
+    """``F.conv2d`` with the kernel ``refocus_kernel(basis, refocus_weight)``.
+
+    Gradients flow to ``x``, ``refocus_weight``, ``bias`` and (if it requires
+    grad) ``basis``; the refocused kernel is recomputed in backward rather than
+    stored. Under autocast the plain autograd path is taken so that autocast
+    chooses the dtypes.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return F.conv2d(x, refocus_kernel(basis, refocus_weight), bias, stride, padding,
+                        dilation, groups)
+    return _RefocusedConv2d.apply(x, basis, refocus_weight, bias, stride, padding, dilation,
+                                  groups)

@@ -1,0 +1,194 @@
+"""Config files that point an installed mmdet/mmseg config at the shapes datasets.
+
+:func:`write_config_pair` writes, into a work directory, the two files a user
+would have: ``baseline.py`` (the ORIGINAL config, adapted to the data) and
+``refconv.py`` (``_base_ = './baseline.py'`` plus the one-line RefConv override,
+``custom_imports``, ``RefConvHook`` and ``load_from``).
+"""
+import os
+import os.path as osp
+import pprint
+from typing import Dict, Optional
+
+from .shapes_data import CLASSES, seg_classes
+
+__all__ = ['DET_BASE', 'SEG_BASE', 'write_config_pair', 'REFCONV_OVERRIDES']
+
+DET_BASE = 'mmdet::retinanet/retinanet_r18_fpn_1x_coco.py'
+SEG_BASE = 'mmseg::fcn/fcn_r18-d8_4xb2-80k_cityscapes-512x1024.py'
+
+# Which modules of each model family get conv_cfg=dict(type='RefConv') (the "one line").
+REFCONV_OVERRIDES = {
+    'retinanet': "dict(backbone=dict(conv_cfg=refconv), neck=dict(conv_cfg=refconv), "
+                 "bbox_head=dict(conv_cfg=refconv))",
+    'faster-rcnn': "dict(backbone=dict(conv_cfg=refconv), neck=dict(conv_cfg=refconv))",
+    'seg': "dict(backbone=dict(conv_cfg=refconv), decode_head=dict(conv_cfg=refconv), "
+           "auxiliary_head=dict(conv_cfg=refconv))",
+}
+
+
+def _det_body(data_root: str, size: int, batch: int) -> str:
+    return f'''
+data_root = {data_root!r}
+metainfo = dict(classes={CLASSES!r})
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='Resize', scale=({size}, {size}), keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=({size}, {size}), keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='PackDetInputs',
+         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+train_dataloader = dict(
+    batch_size={batch}, num_workers=0, persistent_workers=False,
+    sampler=dict(type='InfiniteSampler', shuffle=True),
+    batch_sampler=None,
+    dataset=dict(data_root=data_root, metainfo=metainfo, ann_file='annotations/train.json',
+                 data_prefix=dict(img='train/'), pipeline=train_pipeline,
+                 filter_cfg=dict(filter_empty_gt=True, min_size=4)))
+val_dataloader = dict(
+    batch_size={batch}, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, metainfo=metainfo, ann_file='annotations/val.json',
+                 data_prefix=dict(img='val/'), pipeline=test_pipeline, test_mode=True))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + '/annotations/val.json', metric='bbox',
+                     format_only=False, backend_args=None)
+test_evaluator = val_evaluator
+'''
+
+
+def _seg_body(data_root: str, size: int, batch: int) -> str:
+    return f'''
+data_root = {data_root!r}
+dataset_type = 'BaseSegDataset'
+metainfo = dict(classes={seg_classes()!r},
+                palette=[[0, 0, 0], [220, 20, 60], [0, 128, 255], [255, 200, 0]])
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations'),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations'),
+    dict(type='PackSegInputs'),
+]
+train_dataloader = dict(
+    batch_size={batch}, num_workers=0, persistent_workers=False,
+    sampler=dict(type='InfiniteSampler', shuffle=True),
+    dataset=dict(_delete_=True, type=dataset_type, data_root=data_root, metainfo=metainfo,
+                 img_suffix='.png', seg_map_suffix='.png',
+                 data_prefix=dict(img_path='img_dir/train', seg_map_path='ann_dir/train'),
+                 pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=1, num_workers=0, persistent_workers=False,
+    dataset=dict(_delete_=True, type=dataset_type, data_root=data_root, metainfo=metainfo,
+                 img_suffix='.png', seg_map_suffix='.png',
+                 data_prefix=dict(img_path='img_dir/val', seg_map_path='ann_dir/val'),
+                 pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
+test_evaluator = val_evaluator
+norm_cfg = dict(type='BN', requires_grad=True)
+crop_size = ({size}, {size})
+data_preprocessor = dict(size=crop_size)
+'''
+
+
+def _schedule(iters: int, lr: float, val_interval: Optional[int], ckpt_interval: int,
+              log_interval: int) -> str:
+    val_interval = val_interval or iters
+    return f'''
+train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters={iters},
+                 val_interval={val_interval})
+val_cfg = dict(type='ValLoop')
+test_cfg = dict(type='TestLoop')
+optim_wrapper = dict(_delete_=True, type='OptimWrapper',
+                     optimizer=dict(type='SGD', lr={lr}, momentum=0.9, weight_decay=1e-4),
+                     clip_grad=dict(max_norm=10.0, norm_type=2))
+param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0,
+                        end={max(1, min(50, iters // 5))})]
+default_hooks = dict(
+    logger=dict(type='LoggerHook', interval={log_interval}),
+    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval={ckpt_interval},
+                    max_keep_ckpts=2))
+log_processor = dict(by_epoch=False, window_size={log_interval})
+env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+               dist_cfg=dict(backend='gloo'))
+randomness = dict(seed=0, deterministic=False)
+auto_scale_lr = dict(enable=False)
+'''
+
+
+def write_config_pair(work_dir: str, data_root: str, task: str = 'det',
+                      base: Optional[str] = None, iters: int = 40, refocus_iters: int = 40,
+                      size: int = 128, batch: int = 4, lr: float = 0.01,
+                      refocus_lr: Optional[float] = None, val_interval: Optional[int] = None,
+                      ckpt_interval: Optional[int] = None, log_interval: int = 10,
+                      override: Optional[str] = None, load_from: Optional[str] = None,
+                      hook: Optional[dict] = None, refconv: Optional[dict] = None,
+                      extra: str = '') -> Dict[str, str]:
+    """Write ``baseline.py`` and ``refconv.py`` for the shapes data into ``work_dir``.
+
+    Args:
+        task: ``'det'`` (COCO-format set, :data:`DET_BASE`) or ``'seg'`` (:data:`SEG_BASE`).
+        base: The installed config to adapt (``'mmdet::...'``/``'mmseg::...'``).
+        override: The RefConv ``model = ...`` override (a dict literal using ``refconv``).
+        load_from: The trained checkpoint the RefConv config starts from.
+
+    Returns:
+        ``{'baseline': path, 'refconv': path}``.
+    """
+    os.makedirs(work_dir, exist_ok=True)
+    base = base or (DET_BASE if task == 'det' else SEG_BASE)
+    ckpt_interval = ckpt_interval or iters
+    if task == 'det':
+        model = (f"model = dict(backbone=dict(init_cfg=None), "
+                 f"bbox_head=dict(num_classes={len(CLASSES)}))\n")
+        if 'rcnn' in base:
+            model = (f"model = dict(backbone=dict(init_cfg=None), roi_head=dict(bbox_head=dict("
+                     f"num_classes={len(CLASSES)})))\n")
+        body = _det_body(data_root, size, batch) + model
+        override = override or REFCONV_OVERRIDES['retinanet']
+    elif task == 'seg':
+        n = len(seg_classes())
+        body = _seg_body(data_root, size, batch) + (
+            'model = dict(data_preprocessor=data_preprocessor, pretrained=None, '
+            'backbone=dict(init_cfg=None, norm_cfg=norm_cfg), '
+            f'decode_head=dict(num_classes={n}, norm_cfg=norm_cfg), '
+            f'auxiliary_head=dict(num_classes={n}, norm_cfg=norm_cfg))\n')
+        override = override or REFCONV_OVERRIDES['seg']
+    else:
+        raise ValueError(f"task={task!r} must be 'det' or 'seg'")
+    baseline = (f'# ORIGINAL config: {base} on the generated shapes data.\n'
+                f'_base_ = {base!r}\n' + body +
+                _schedule(iters, lr, val_interval, ckpt_interval, log_interval) + extra)
+    paths = dict(baseline=osp.join(work_dir, 'baseline.py'),
+                 refconv=osp.join(work_dir, 'refconv.py'))
+    with open(paths['baseline'], 'w') as f:
+        f.write(baseline)
+    hook = hook or dict(type='RefConvHook')
+    refconv = refconv or dict(type='RefConv')
+    text = (
+        "# The one-line RefConv override on top of the original config.\n"
+        "_base_ = './baseline.py'\n"
+        "custom_imports = dict(imports=['refconv_mm'], allow_failed_imports=False)\n"
+        f"refconv = {refconv!r}\n"
+        f"model = {override}\n"
+        f"custom_hooks = [{pprint.pformat(hook)}]\n"
+        f"load_from = {load_from!r}\n"
+        f"train_cfg = dict(max_iters={refocus_iters}, val_interval="
+        f"{val_interval or refocus_iters})\n"
+        f"default_hooks = dict(checkpoint=dict(interval={ckpt_interval}))\n")
+    if refocus_lr is not None:
+        text += f'optim_wrapper = dict(optimizer=dict(lr={refocus_lr}))\n'
+    with open(paths['refconv'], 'w') as f:
+        f.write(text)
+    return paths

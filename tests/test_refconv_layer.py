@@ -1,0 +1,179 @@
+"""RefConv as an mmcv/mmengine conv type: building, freezing, caching, initialisation."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from mmcv.cnn import ConvModule, build_conv_layer
+from mmengine.model import BaseModule
+from mmengine.registry import MODELS
+
+from refconv_mm import RefConv2d
+
+
+@pytest.mark.parametrize('scope', [None, 'mmdet', 'mmseg'])
+def test_registered_in_root_registry(scope):
+    import mmdet.registry  # noqa: F401
+    import mmseg.registry  # noqa: F401
+    from mmengine.registry import DefaultScope
+    name = f'refconv_scope_{scope}'
+    if scope is None:
+        assert MODELS.get('RefConv') is RefConv2d
+    else:
+        DefaultScope.get_instance(name, scope_name=scope)
+        reg = {'mmdet': mmdet.registry.MODELS, 'mmseg': mmseg.registry.MODELS}[scope]
+        assert reg.get('RefConv') is RefConv2d
+    assert isinstance(build_conv_layer(dict(type='RefConv'), 4, 8, 3), RefConv2d)
+
+
+def test_build_conv_layer_argument_forms():
+    cfg = dict(type='RefConv')
+    a = build_conv_layer(cfg, 4, 8, 3, stride=2, padding=1, dilation=1, groups=2, bias=False)
+    b = build_conv_layer(cfg, 4, 8, kernel_size=3, stride=2, padding=1, bias=False)  # ResNet form
+    c = build_conv_layer(dict(type='RefConv', map_k=1), in_channels=4, out_channels=8,
+                         kernel_size=(1, 3))
+    assert a.groups == 2 and a.bias is None and a.stride == (2, 2)
+    assert b.kernel_size == (3, 3) and b.refocus_weight.shape == (32, 1, 3, 3)
+    assert c.refocus_weight.shape == (32, 1, 1, 1)
+    m = ConvModule(4, 8, 3, padding=1, conv_cfg=cfg, norm_cfg=dict(type='BN'))
+    assert isinstance(m.conv, RefConv2d) and m.conv.bias is None  # bias='auto' resolved
+    m.init_weights()
+    assert m(torch.randn(1, 4, 6, 6)).shape == (1, 8, 6, 6)
+
+
+def test_exposes_conv_attributes_and_plain_keys():
+    layer = RefConv2d(4, 8, 3, 2, 1, 1, 1, True)
+    for attr, want in dict(in_channels=4, out_channels=8, kernel_size=(3, 3), stride=(2, 2),
+                           padding=(1, 1), dilation=(1, 1), groups=1, transposed=False,
+                           output_padding=(0, 0)).items():
+        assert getattr(layer, attr) == want, attr
+    assert set(layer.state_dict()) == {'weight', 'bias', 'refocus_weight'}
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    plain = nn.Conv2d(4, 8, 3, 2, 1)
+    missing, unexpected = layer.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ['refocus_weight'] and unexpected == []
+    assert torch.equal(layer.weight, plain.weight) and layer.basis_loaded
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(transposed=True), 'transposed'),
+    (dict(output_padding=1), 'output_padding'),
+    (dict(map_k=2), 'map_k=2'),
+    (dict(map_k=0), 'map_k=0'),
+    (dict(map_k=-3), 'map_k=-3'),
+    (dict(groups=3), 'in_channels=4 is not divisible by groups=3'),
+    (dict(init='xavier'), "init='xavier'"),
+])
+def test_bad_arguments_fail_at_build(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_conv_layer(dict(type='RefConv', **kwargs), 4, 6, 3)
+
+
+def test_out_channels_not_divisible():
+    with pytest.raises(ValueError, match='out_channels=6 is not divisible by groups=4'):
+        RefConv2d(8, 6, 3, groups=4)
+
+
+@pytest.mark.parametrize('mode', ['zeros', 'reflect', 'replicate', 'circular'])
+def test_padding_modes(mode):
+    torch.manual_seed(0)
+    layer = RefConv2d(3, 4, 3, padding=1, padding_mode=mode, init='official')
+    plain = nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode)
+    with torch.no_grad():
+        plain.weight.copy_(layer.refocused_kernel())
+        plain.bias.copy_(layer.bias)
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(layer(x), plain(x), atol=1e-5, rtol=1e-5)
+    layer.eval()
+    torch.testing.assert_close(layer(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_padding_same_string():
+    layer = RefConv2d(3, 4, 3, padding='same', init='official')
+    x = torch.randn(1, 3, 8, 8)
+    assert layer(x).shape == (1, 4, 8, 8)
+
+
+def test_zero_init_starts_at_pretrained_function():
+    layer = RefConv2d(3, 4, 3, padding=1)
+    plain = nn.Conv2d(3, 4, 3, padding=1)
+    layer.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(layer(x), plain(x))
+    off = RefConv2d(3, 4, 3, padding=1, init='official')
+    assert off.refocus_weight.abs().sum() > 0
+
+
+def test_optimizer_never_changes_basis():
+    torch.manual_seed(0)
+    model = nn.Sequential(RefConv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          RefConv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 2, 1))
+    basis = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith('refocus_weight')}
+    refocus = [m.refocus_weight.clone() for m in model if isinstance(m, RefConv2d)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+        opt.step()
+    sd = model.state_dict()
+    for k in ('0.weight', '0.bias', '2.weight', '2.bias'):
+        assert torch.equal(sd[k], basis[k]), k
+    assert not torch.equal(sd['3.weight'], basis['3.weight'])  # plain conv trains
+    for m, before in zip([m for m in model if isinstance(m, RefConv2d)], refocus):
+        assert not torch.equal(m.refocus_weight, before)
+
+
+def test_eval_cache_reused_and_never_stale():
+    torch.manual_seed(0)
+    layer = RefConv2d(3, 4, 3, padding=1, init='official')
+    x = torch.randn(1, 3, 8, 8)
+    layer.eval()
+    with torch.no_grad():
+        y0 = layer(x)
+        k0 = layer._kernel_cache[1]
+        layer(x)
+        assert layer._kernel_cache[1] is k0  # reused
+    # load_state_dict
+    other = RefConv2d(3, 4, 3, padding=1, init='official')
+    layer.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), other.eval()(x))
+    # a training step
+    layer.train()
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+    layer(x).sum().backward()
+    opt.step()
+    assert layer._kernel_cache is None
+    layer.eval()
+    with torch.no_grad():
+        want = nn.functional.conv2d(x, layer.refocused_kernel(), layer.bias, 1, 1)
+        torch.testing.assert_close(layer(x), want)
+        # an in-place update while staying in eval mode
+        layer.refocus_weight.add_(0.5)
+        want = nn.functional.conv2d(x, layer.refocused_kernel(), layer.bias, 1, 1)
+        torch.testing.assert_close(layer(x), want)
+        # .to(): new storage, new kernel
+        layer.double()
+        assert layer(x.double()).dtype == torch.float64
+    assert not torch.allclose(y0.double(), layer(x.double()))
+
+
+def test_keeps_own_init_under_init_cfg():
+    class Head(BaseModule):
+        def __init__(self):
+            super().__init__(init_cfg=dict(type='Normal', layer='Conv2d', std=0.01))
+            self.conv = ConvModule(4, 4, 3, padding=1, conv_cfg=dict(type='RefConv'))
+            self.conv2 = build_conv_layer(dict(type='RefConv', init='zero'), 4, 4, 3)
+    head = Head()
+    head.init_weights()
+    assert head.conv.conv.refocus_weight.abs().sum() == 0
+    assert head.conv2.refocus_weight.abs().sum() == 0
+
+
+def test_deepcopy_and_pickle_roundtrip():
+    layer = RefConv2d(3, 4, 3, init='official').eval()
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        y = layer(x)
+        clone = copy.deepcopy(layer)
+        torch.testing.assert_close(clone(x), y)

@@ -1,0 +1,123 @@
+"""RefConv's math against an independent, loop-by-loop reference of the seed formula."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from refconv_mm import RefConv2d
+from refconv_mm.refocus import refocus_kernel, refocus_map_size
+
+
+def reference_kernel(basis: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """W_b + T(W_b), written out: T groups g consecutive 2-D kernels, zero padding m//2."""
+    cout, cin_g, kh, kw = basis.shape
+    n, g, mh, mw = m.shape
+    flat = basis.reshape(n, kh, kw).astype(np.float64)
+    out = flat.copy()
+    for k in range(n):
+        group = k // g
+        for c in range(g):
+            src = flat[group * g + c]
+            for y in range(kh):
+                for x in range(kw):
+                    acc = 0.0
+                    for dy in range(mh):
+                        for dx in range(mw):
+                            yy, xx = y + dy - mh // 2, x + dx - mw // 2
+                            if 0 <= yy < kh and 0 <= xx < kw:
+                                acc += m[k, c, dy, dx] * src[yy, xx]
+                    out[k, y, x] += acc
+    return out.reshape(basis.shape)
+
+
+def reference_conv(x, layer: RefConv2d) -> torch.Tensor:
+    k = reference_kernel(layer.weight.detach().numpy(), layer.refocus_weight.detach().numpy())
+    return F.conv2d(x.double(), torch.from_numpy(k), None if layer.bias is None else
+                    layer.bias.detach().double(), layer.stride, layer.padding, layer.dilation,
+                    layer.groups).float()
+
+
+CASES = [
+    # cin, cout, kernel, stride, padding, dilation, groups, bias
+    (4, 6, 3, 1, 1, 1, 1, False),     # regular 3x3
+    (4, 6, 1, 1, 0, 1, 1, True),      # 1x1 (map capped to 1x1)
+    (3, 5, 5, 2, 2, 1, 1, True),      # 5x5, stride
+    (3, 4, 7, 2, 3, 1, 1, False),     # 7x7 stem-like
+    (4, 8, 3, 1, 2, 2, 1, True),      # dilation
+    (8, 8, 3, 1, 1, 1, 2, False),     # grouped
+    (8, 12, 3, 2, 1, 1, 4, True),     # grouped, stride
+    (6, 6, 3, 1, 1, 1, 6, False),     # depthwise
+    (6, 6, 5, 1, 2, 1, 6, True),      # depthwise 5x5
+    (4, 6, (1, 7), 1, (0, 3), 1, 1, False),  # non-square
+    (4, 6, (3, 5), 1, (1, 2), 1, 2, True),   # non-square grouped
+    (4, 4, 2, 1, 0, 1, 1, False),     # even kernel: map capped to 1
+]
+
+
+@pytest.mark.parametrize('cin,cout,k,s,p,d,g,bias', CASES)
+def test_refconv_matches_reference(cin, cout, k, s, p, d, g, bias):
+    torch.manual_seed(0)
+    layer = RefConv2d(cin, cout, k, s, p, d, g, bias, init='official')
+    with torch.no_grad():
+        layer.weight.normal_()
+        if bias:
+            layer.bias.normal_()
+    x = torch.randn(2, cin, 11, 13)
+    want = reference_conv(x, layer)
+    layer.train()
+    got_train = layer(x)
+    layer.eval()
+    got_eval = layer(x)
+    torch.testing.assert_close(got_train, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_eval, want, atol=1e-5, rtol=1e-5)
+
+
+def test_depthwise_mixes_all_channels():
+    """For a depthwise conv, every channel's kernel is refocused from all channels' kernels."""
+    layer = RefConv2d(4, 4, 3, padding=1, groups=4, bias=False)
+    assert layer.refocus_weight.shape == (4, 4, 3, 3)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[3].fill_(1.0)             # only channel 3 has a kernel
+        layer.refocus_weight.fill_(0.1)
+    k = layer.refocused_kernel()
+    assert (k[0].abs() > 0).all()              # channel 0 now sees channel 3's kernel
+
+
+def test_regular_conv_refocuses_each_kernel_alone():
+    layer = RefConv2d(2, 2, 3, padding=1, bias=False)
+    assert layer.refocus_weight.shape == (4, 1, 3, 3)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[1, 1].fill_(1.0)
+        layer.refocus_weight.fill_(0.1)
+    k = layer.refocused_kernel()
+    assert k[0].abs().sum() == 0 and k[1, 0].abs().sum() == 0
+
+
+@pytest.mark.parametrize('k,map_k,want', [((3, 3), 3, (3, 3)), ((1, 1), 3, (1, 1)),
+                                          ((7, 7), 5, (5, 5)), ((1, 7), 3, (1, 3)),
+                                          ((2, 4), 3, (1, 3)), ((5, 5), 1, (1, 1))])
+def test_map_size_rule(k, map_k, want):
+    assert refocus_map_size(k, map_k) == want
+
+
+def test_custom_backward_matches_autograd():
+    torch.manual_seed(0)
+    for g, cin, cout in ((1, 4, 6), (2, 4, 6), (6, 6, 6)):
+        layer = RefConv2d(cin, cout, 3, 2, 1, 1, g, True, init='official').double()
+        layer.weight.requires_grad_(True)
+        layer.bias.requires_grad_(True)
+        x = torch.randn(2, cin, 9, 9, dtype=torch.double, requires_grad=True)
+        assert torch.autograd.gradcheck(layer, (x,))
+        params = [x, layer.weight, layer.refocus_weight, layer.bias]
+        fast = torch.autograd.grad(layer(x).square().sum(), params)
+        slow = torch.autograd.grad(F.conv2d(x, layer.refocused_kernel(), layer.bias, 2, 1, 1,
+                                            g).square().sum(), params)
+        for a, b in zip(fast, slow):
+            torch.testing.assert_close(a, b)
+
+
+def test_refocus_kernel_rejects_mismatch():
+    with pytest.raises(ValueError, match='does not fit'):
+        refocus_kernel(torch.zeros(4, 2, 3, 3), torch.zeros(7, 1, 3, 3))

@@ -1,0 +1,674 @@
+"""Training-step time, peak memory and eval-forward time: plain conv vs seed RefConv vs refconv_mm.
+
+    python tools/benchmark/speed_memory.py [--models retinanet mobilenetv2] [--steps N]
+        [--warmup N] [--eval-steps N] [--device cpu|cuda] [--out PATH] [--op-profile K]
+        [--retinanet-size 512] [--retinanet-batch 2] [--mobilenetv2-size 224]
+        [--mobilenetv2-batch 16]
+
+Models (each built three times, from the same plain weights):
+
+* ``retinanet``: mmdet ``retinanet/retinanet_r50_fpn_1x_coco.py`` (backbone ``init_cfg=None``),
+  512x512 random images, batch 2, three random gt boxes per image, ``model.loss``.
+* ``mobilenetv2``: mmdet ``MobileNetV2(out_indices=(7,))`` + global average pool +
+  ``Linear(1280, 1000)`` + cross-entropy, 224x224, batch 16.
+
+Variants: ``plain`` (``nn.Conv2d``), ``seed`` (the official code's layer, ``SeedRefConv`` below:
+autograd through ``convmap`` on every call) and ``refconv_mm`` (``conv_cfg=dict(type='RefConv')``
+on the backbone, and on the neck and bbox head of RetinaNet). ``seed`` and ``refconv_mm`` replace
+exactly the same convs (checked) and load the plain model's state dict; ``refconv_mm`` gets the
+seed's (Kaiming-initialised) ``convmap`` weights as its ``refocus_weight`` so both compute the same
+kernels. Eval additionally times ``merged`` (``refconv_mm.merge_refconv`` on a copy).
+
+Correctness checks run before timing and abort the run if they fail: the state dicts load with
+only the refocusing weights missing; seed and refconv_mm give the same training loss (1e-4
+relative) and refocusing gradients (1e-3 relative, in norm); the merged model's eval output equals
+the unmerged one (1e-4 relative to the output's max abs).
+
+Timing: ``--warmup`` untimed steps, then ``--steps`` timed ones, variants interleaved round-robin
+(plain, seed, refconv_mm, plain, ...) so machine noise hits all alike; the MEDIAN is reported. A
+training step is ``zero_grad`` + forward + backward + SGD step (momentum 0.9, weight decay 1e-4).
+On CUDA every timed region ends with ``torch.cuda.synchronize()``.
+
+Peak memory (one extra, untimed step per variant, after the timed ones so optimizer state
+exists): the peak of live tensor memory during a training step, i.e.
+
+    static bytes live at step start  (unique storages of parameters, buffers, grads and
+                                      optimizer state)
+  + max(0, maximum over the step of the running sum of allocated-minus-freed bytes).
+
+On CPU the running sum comes from ``torch.profiler`` with ``profile_memory=True``: every tensor
+allocation and free is a ``[memory]`` event in the kineto results (``nbytes()`` positive for an
+allocation, negative for a free); they are sorted by timestamp and summed. Memory that never is a
+tensor storage (e.g. oneDNN scratchpads) is not seen. The method is self-checked on allocations of
+known size before the benchmark (the run fails loudly if it is off). On CUDA the increase is
+``torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()`` around the step, after
+``torch.cuda.reset_peak_memory_stats()``. The profiler does not report frees of blocks allocated
+before profiling started, so the measured step must free nothing that existed at its start: its
+``zero_grad(set_to_none=True)`` runs just before the profiled region (static bytes are taken after
+it, so grads count 0 there and are counted where backward allocates them, in the increase).
+
+Eval forward: ``model.eval()``, ``torch.no_grad()``; RetinaNet runs ``mode='tensor'`` (backbone,
+neck and head, no box post-processing, which does not depend on the convs).
+
+Prints progress, a Markdown table with the targets (training step <= 1.02x plain on RetinaNet and
+<= 1.08x on MobileNetV2; peak memory <= 1.05x / <= 1.10x; eval unmerged <= 1.01x; merged equal to
+plain within noise), and writes everything as JSON to ``--out``.
+"""
+import argparse
+import copy
+import gc
+import json
+import os
+import os.path as osp
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.registry import MODELS
+from torch.nn.modules.utils import _pair
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+if ROOT not in sys.path:  # run from a checkout without the editable install
+    sys.path.insert(0, ROOT)
+
+from refconv_mm import RefConv2d, merge_refconv  # noqa: E402
+
+TRAIN_VARIANTS = ('plain', 'seed', 'refconv_mm')
+EVAL_VARIANTS = ('plain', 'seed', 'refconv_mm', 'merged')
+TARGETS = {
+    'retinanet': {'train': 1.02, 'memory': 1.05},
+    'mobilenetv2': {'train': 1.08, 'memory': 1.10},
+}
+EVAL_UNMERGED_TARGET = 1.01
+MERGED_MIN_NOISE = 0.01  # merged == plain "within noise": at least 1 %, or plain's IQR/median
+DEFAULT_STEPS = {'retinanet': 5, 'mobilenetv2': 10}
+MIB = 2**20
+CONV_CFG = {'plain': None, 'seed': dict(type='SeedRefConv'), 'refconv_mm': dict(type='RefConv')}
+
+
+def log(msg: str) -> None:
+    """Print a progress line immediately."""
+    print(msg, flush=True)
+
+
+# -- the seed formulation ----------------------------------------------------------
+@MODELS.register_module('SeedRefConv')
+class SeedRefConv(nn.Module):
+    """The official code's ``RepConv``, extended only to take ConvModule/ResNet arguments.
+
+    The basis is a buffer ``weight`` (and ``bias``, if any); ``convmap`` is a conv over the
+    kernels viewed as a ``(1, N, k, k)`` image with ``Cin*Cout/g^2`` groups, and every forward
+    computes ``weight + convmap(weight)`` under autograd (no caching), exactly as the seed does.
+    ``map_k`` is capped at the kernel size (a 1x1 conv gets a 1x1 map).
+    """
+
+    transposed = False  # read by ConvModule
+    output_padding = (0, 0)
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, map_k: int = 3) -> None:
+        super().__init__()
+        kh, kw = _pair(kernel_size)
+        assert kh == kw, 'the seed formulation handles square kernels only'
+        map_k = min(map_k, kh)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = (kh, kw)
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.origin_kernel_shape = (out_channels, in_channels // groups, kh, kh)
+        self.register_buffer('weight', torch.zeros(*self.origin_kernel_shape))
+        self.register_buffer('bias', torch.zeros(out_channels) if bias else None)
+        G = in_channels * out_channels // (groups**2)
+        self.num_2d_kernels = out_channels * in_channels // groups
+        self.convmap = nn.Conv2d(self.num_2d_kernels, self.num_2d_kernels, map_k, 1, map_k // 2,
+                                 groups=G, bias=False)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        k = self.kernel_size[0]
+        origin_weight = self.weight.view(1, self.num_2d_kernels, k, k)
+        kernel = self.weight + self.convmap(origin_weight).view(*self.origin_kernel_shape)
+        return F.conv2d(inputs, kernel, stride=self.stride, padding=self.padding,
+                        dilation=self.dilation, groups=self.groups, bias=self.bias)
+
+
+# -- models --------------------------------------------------------------------------
+@dataclass
+class Bench:
+    """How to build, feed and run one benchmarked model."""
+    name: str
+    build: Callable[[Optional[dict]], nn.Module]  # conv_cfg -> model on CPU
+    make_batch: Callable[[torch.device], Any]
+    train_loss: Callable[[nn.Module, Any], torch.Tensor]
+    eval_forward: Callable[[nn.Module, Any], Any]
+    lr: float
+    desc: str
+
+
+def retinanet_bench(size: int, batch: int) -> Bench:
+    """RetinaNet-R50-FPN from mmdet's installed config, random images and gt boxes."""
+    from mmdet.registry import MODELS as DET_MODELS
+    from mmdet.structures import DetDataSample
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+    from mmengine.structures import InstanceData
+    register_all_modules(init_default_scope=True)
+    base = Config.fromfile('mmdet::retinanet/retinanet_r50_fpn_1x_coco.py').model
+    base.backbone.init_cfg = None  # no pretrained download
+
+    def build(conv_cfg: Optional[dict]) -> nn.Module:
+        cfg = copy.deepcopy(base)
+        if conv_cfg is not None:
+            for part in ('backbone', 'neck', 'bbox_head'):
+                cfg[part].conv_cfg = dict(conv_cfg)
+        return DET_MODELS.build(cfg)
+
+    def make_batch(device: torch.device) -> Tuple[torch.Tensor, list]:
+        g = torch.Generator().manual_seed(0)
+        inputs = torch.randn(batch, 3, size, size, generator=g)
+        samples = []
+        for _ in range(batch):
+            n = 3
+            xy = torch.rand(n, 2, generator=g) * 0.6 * size
+            wh = (0.1 + 0.3 * torch.rand(n, 2, generator=g)) * size
+            gt = InstanceData()
+            gt.bboxes = torch.cat([xy, (xy + wh).clamp(max=size)], 1).to(device)
+            gt.labels = torch.randint(0, 80, (n, ), generator=g).to(device)
+            shape = (size, size)
+            s = DetDataSample(metainfo=dict(img_shape=shape, pad_shape=shape, ori_shape=shape,
+                                            batch_input_shape=shape, scale_factor=(1.0, 1.0)))
+            s.gt_instances = gt
+            samples.append(s)
+        return inputs.to(device), samples
+
+    def train_loss(model: nn.Module, data) -> torch.Tensor:
+        loss, _ = model.parse_losses(model.loss(*data))
+        return loss
+
+    def eval_forward(model: nn.Module, data) -> Any:
+        return model(data[0], mode='tensor')
+
+    return Bench('retinanet', build, make_batch, train_loss, eval_forward, lr=0.01,
+                 desc=f'RetinaNet-R50-FPN {size}x{size} batch {batch}')
+
+
+class MobileNetV2Classifier(nn.Module):
+    """mmdet MobileNetV2 (last stage, 1280 channels) + global average pool + linear classifier."""
+
+    def __init__(self, conv_cfg: Optional[dict] = None, num_classes: int = 1000) -> None:
+        super().__init__()
+        from mmdet.models.backbones import MobileNetV2
+        self.backbone = MobileNetV2(out_indices=(7, ), conv_cfg=conv_cfg)
+        self.head = nn.Linear(1280, num_classes)
+
+    def init_weights(self) -> None:
+        """Initialise the backbone as mmdet does (the linear head keeps torch's default)."""
+        self.backbone.init_weights()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x)[0].mean((2, 3)))
+
+
+def mobilenetv2_bench(size: int, batch: int) -> Bench:
+    """Depthwise-heavy classifier: MobileNetV2 + linear head, cross-entropy on random labels."""
+    from mmdet.utils import register_all_modules
+    register_all_modules(init_default_scope=True)
+
+    def make_batch(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 3, size, size, generator=g)
+        return x.to(device), torch.randint(0, 1000, (batch, ), generator=g).to(device)
+
+    def train_loss(model: nn.Module, data) -> torch.Tensor:
+        return F.cross_entropy(model(data[0]), data[1])
+
+    def eval_forward(model: nn.Module, data) -> Any:
+        return model(data[0])
+
+    return Bench('mobilenetv2', MobileNetV2Classifier, make_batch, train_loss, eval_forward,
+                 lr=0.01, desc=f'MobileNetV2 classifier {size}x{size} batch {batch}')
+
+
+# -- memory --------------------------------------------------------------------------
+_CPU_MEM_DEVICES = ('DeviceType.CPU', 'DeviceType.MKLDNN', 'DeviceType.IDEEP')
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def peak_increase_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Maximum increase of allocated tensor memory on ``device`` while ``fn()`` runs.
+
+    CPU: running sum of the profiler's ``[memory]`` events (allocations > 0, frees < 0) in time
+    order. CUDA: ``max_memory_allocated`` minus the allocation at the start.
+    """
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - start)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    results = getattr(getattr(prof, 'profiler', None), 'kineto_results', None)
+    if results is None:
+        raise RuntimeError('torch.profiler gave no kineto results; cannot measure CPU memory')
+    events = [(e.start_ns(), i, e.nbytes()) for i, e in enumerate(results.events())
+              if e.name() == '[memory]' and str(e.device_type()) in _CPU_MEM_DEVICES]
+    running = peak = 0
+    for _, _, nbytes in sorted(events):
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def memory_self_check(device: torch.device) -> Dict[str, int]:
+    """Check :func:`peak_increase_bytes` on allocations of known size; raise if it is off."""
+    mib_floats = MIB // 4
+
+    def toy() -> None:
+        a = torch.ones(4 * mib_floats, device=device)  # 4 MiB
+        b = torch.ones(2 * mib_floats, device=device)  # 6 MiB live: the peak
+        del a
+        c = torch.ones(1 * mib_floats, device=device)  # 3 MiB live
+        del b, c
+
+    expected = 6 * MIB
+    measured = peak_increase_bytes(toy, device)
+    # A few KiB of incidental allocations are allowed, a MiB-sized error is not.
+    if abs(measured - expected) > 64 * 1024:
+        raise RuntimeError(f'memory self-check FAILED: measured peak {measured} B, expected '
+                           f'{expected} B; the profiler memory method is not reliable here')
+    return {'expected_bytes': expected, 'measured_bytes': measured}
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor], seen: set) -> int:
+    total = 0
+    for t in tensors:
+        if t is None or t.device.type == 'meta':
+            continue
+        st = t.untyped_storage()
+        key = (t.device, st.data_ptr())
+        if st.nbytes() == 0 or key in seen:
+            continue
+        seen.add(key)
+        total += st.nbytes()
+    return total
+
+
+def static_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, int]:
+    """Bytes of unique storages of parameters + buffers, grads and optimizer state."""
+    seen: set = set()
+    params = _storage_bytes(list(model.parameters()) + list(model.buffers()), seen)
+    grads = _storage_bytes((p.grad for p in model.parameters()), seen)
+    state = _storage_bytes((v for s in optimizer.state.values() for v in s.values()
+                            if isinstance(v, torch.Tensor)), seen)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return {'params_buffers': params, 'grads': grads, 'optimizer_state': state,
+            'total': params + grads + state, 'trainable_param_bytes': trainable}
+
+
+# -- steps ---------------------------------------------------------------------------
+@dataclass
+class Variant:
+    """One model variant with its optimizer."""
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """SGD, momentum 0.9, weight decay 1e-4, over the trainable parameters."""
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
+                           momentum=0.9, weight_decay=1e-4)
+
+
+def train_step(bench: Bench, v: Variant, data, zero_grad: bool = True) -> float:
+    """One training step (zero_grad, forward, backward, SGD step); returns the loss."""
+    if zero_grad:
+        v.optimizer.zero_grad(set_to_none=True)
+    loss = bench.train_loss(v.model, data)
+    loss.backward()
+    v.optimizer.step()
+    return loss.item()
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> Tuple[float, Any]:
+    """Wall time of ``fn()`` in seconds (device-synchronised) and its result."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def round_robin(names: Sequence[str], warmup: int, steps: int,
+                run: Callable[[str], Tuple[float, Any]], label: str) -> Dict[str, List[float]]:
+    """Run ``warmup`` then ``steps`` rounds over ``names`` in turn; the timed seconds per name."""
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for i in range(warmup + steps):
+        tag = f'warmup {i + 1}/{warmup}' if i < warmup else f'step {i - warmup + 1}/{steps}'
+        parts = []
+        for n in names:
+            dt, extra = run(n)
+            if i >= warmup:
+                times[n].append(dt)
+            parts.append(f'{n} {dt:.3f}s' + (f' (loss {extra:.4f})' if extra is not None else ''))
+        log(f'  [{label}] {tag}: ' + ', '.join(parts))
+    return times
+
+
+def _flat_tensors(out: Any) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat_tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _flat_tensors(o)]
+    return []
+
+
+def _rel_max_diff(a: Any, b: Any) -> float:
+    ta, tb = _flat_tensors(a), _flat_tensors(b)
+    assert len(ta) == len(tb) and ta, 'outputs have different structure'
+    diff = max((x.double() - y.double()).abs().max().item() for x, y in zip(ta, tb))
+    scale = max(x.double().abs().max().item() for x in ta)
+    return diff / max(scale, 1e-12)
+
+
+# -- checks --------------------------------------------------------------------------
+def refocus_layers(model: nn.Module, cls: type) -> Dict[str, nn.Module]:
+    """Name -> module of every ``cls`` layer in ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
+
+
+def build_variants(bench: Bench, device: torch.device) -> Tuple[Dict[str, Variant], dict]:
+    """Build plain / seed / refconv_mm from the same plain weights; check coverage, loading."""
+    torch.manual_seed(0)
+    plain = bench.build(None)
+    plain.init_weights()
+    state = plain.state_dict()
+    torch.manual_seed(1)  # seed convmap: torch's default (Kaiming-uniform) init
+    seed = bench.build(CONV_CFG['seed'])
+    refconv = bench.build(CONV_CFG['refconv_mm'])
+    info: Dict[str, Any] = {}
+    for name, model, extra_key in (('seed', seed, 'convmap.weight'),
+                                   ('refconv_mm', refconv, 'refocus_weight')):
+        res = model.load_state_dict(state, strict=False)
+        bad_missing = [k for k in res.missing_keys if not k.endswith(extra_key)]
+        if bad_missing or res.unexpected_keys:
+            raise RuntimeError(f'{name}: plain state dict does not load cleanly: missing '
+                               f'{bad_missing[:5]}, unexpected {res.unexpected_keys[:5]}')
+        info[f'{name}_missing_keys'] = len(res.missing_keys)
+    seed_layers = refocus_layers(seed, SeedRefConv)
+    ref_layers = refocus_layers(refconv, RefConv2d)
+    if sorted(seed_layers) != sorted(ref_layers) or not ref_layers:
+        raise RuntimeError('seed and refconv_mm do not replace the same convs: '
+                           f'{sorted(set(seed_layers) ^ set(ref_layers))[:10]}')
+    with torch.no_grad():  # same refocusing weights -> the same kernels in both
+        for n, layer in ref_layers.items():
+            layer.refocus_weight.copy_(seed_layers[n].convmap.weight)
+    info['refocused_convs'] = len(ref_layers)
+    info['plain_convs'] = sum(isinstance(m, nn.Conv2d) and not isinstance(m, RefConv2d)
+                              for m in refconv.modules())
+    variants = {}
+    for name, model in (('plain', plain), ('seed', seed), ('refconv_mm', refconv)):
+        model.to(device).train()
+        variants[name] = Variant(name, model, make_optimizer(model, bench.lr))
+        info[f'{name}_trainable_params'] = sum(p.numel() for p in model.parameters()
+                                               if p.requires_grad)
+    return variants, info
+
+
+def check_seed_vs_refconv(bench: Bench, variants: Dict[str, Variant], data) -> dict:
+    """Same loss (1e-4 rel.) and refocusing grads (1e-3 rel. norm) for seed and refconv_mm."""
+    seed, ref = variants['seed'].model, variants['refconv_mm'].model
+    seed_bn = copy.deepcopy(seed.state_dict())  # undo the BN running-stat update afterwards
+    ref_bn = copy.deepcopy(ref.state_dict())
+    losses = {}
+    for name, model in (('seed', seed), ('refconv_mm', ref)):
+        model.zero_grad(set_to_none=True)
+        loss = bench.train_loss(model, data)
+        loss.backward()
+        losses[name] = loss.item()
+    rel = abs(losses['seed'] - losses['refconv_mm']) / max(abs(losses['seed']), 1e-12)
+    if not rel <= 1e-4:
+        raise RuntimeError(f'seed vs refconv_mm loss mismatch: {losses} (rel {rel:.2e})')
+    seed_layers = refocus_layers(seed, SeedRefConv)
+    num = den = 0.0
+    for n, layer in refocus_layers(ref, RefConv2d).items():
+        gs, gr = seed_layers[n].convmap.weight.grad, layer.refocus_weight.grad
+        if (gs is None) != (gr is None):
+            raise RuntimeError(f'{n}: refocusing grad present in one variant only')
+        if gs is not None:
+            num += (gs.double() - gr.double()).pow(2).sum().item()
+            den += gs.double().pow(2).sum().item()
+    grad_rel = (num / max(den, 1e-30))**0.5
+    if not grad_rel <= 1e-3:
+        raise RuntimeError(f'seed vs refconv_mm refocusing grads differ: rel {grad_rel:.2e}')
+    for model, sd in ((seed, seed_bn), (ref, ref_bn)):
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(sd)
+    return {'loss_seed': losses['seed'], 'loss_refconv_mm': losses['refconv_mm'],
+            'loss_rel_diff': rel, 'refocus_grad_rel_diff': grad_rel}
+
+
+# -- per-model benchmark ---------------------------------------------------------------
+def _median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def _iqr_rel(xs: Sequence[float]) -> float:
+    if len(xs) < 4:
+        return (max(xs) - min(xs)) / _median(xs)
+    q = statistics.quantiles(xs, n=4)
+    return (q[2] - q[0]) / _median(xs)
+
+
+def op_profile(bench: Bench, v: Variant, data, top: int, device: torch.device) -> str:
+    """``key_averages`` table (top ``top`` ops by self time) of one training step."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with profile(activities=acts, profile_memory=True) as prof:
+        train_step(bench, v, data)
+        _sync(device)
+    key = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    return prof.key_averages().table(sort_by=key, row_limit=top)
+
+
+def run_model(bench: Bench, args: argparse.Namespace, device: torch.device) -> dict:
+    """Checks, training timing, peak memory and eval timing for one model's variants."""
+    steps = args.steps or DEFAULT_STEPS[bench.name]
+    eval_steps = args.eval_steps or steps
+    log(f'\n== {bench.name}: {bench.desc}; warmup {args.warmup}, steps {steps}, eval steps '
+        f'{eval_steps}, device {device}, threads {torch.get_num_threads()}')
+    t0 = time.perf_counter()
+    variants, info = build_variants(bench, device)
+    data = bench.make_batch(device)
+    log(f'  built in {time.perf_counter() - t0:.1f}s: {info}')
+    checks = check_seed_vs_refconv(bench, variants, data)
+    log(f'  check seed vs refconv_mm: loss {checks["loss_seed"]:.6f} vs '
+        f'{checks["loss_refconv_mm"]:.6f} (rel {checks["loss_rel_diff"]:.1e}), refocus grads '
+        f'rel {checks["refocus_grad_rel_diff"]:.1e}: ok')
+
+    def train_one(name: str) -> Tuple[float, Any]:
+        return timed(lambda: train_step(bench, variants[name], data), device)
+
+    train_times = round_robin(TRAIN_VARIANTS, args.warmup, steps, train_one, 'train')
+
+    memory = {}
+    for name in TRAIN_VARIANTS:
+        v = variants[name]
+        v.optimizer.zero_grad(set_to_none=True)  # the profiler cannot see frees of older blocks
+        gc.collect()
+        static = static_bytes(v.model, v.optimizer)
+        inc = peak_increase_bytes(lambda: train_step(bench, v, data, zero_grad=False), device)
+        memory[name] = {**static, 'step_increase': inc, 'peak': static['total'] + inc}
+        log(f'  [memory] {name}: peak {memory[name]["peak"] / MIB:.1f} MiB = static '
+            f'{static["total"] / MIB:.1f} (params+buffers {static["params_buffers"] / MIB:.1f}, '
+            f'grads {static["grads"] / MIB:.1f}, optimizer {static["optimizer_state"] / MIB:.1f})'
+            f' + step increase {inc / MIB:.1f} (incl. grads of '
+            f'{static["trainable_param_bytes"] / MIB:.1f} trainable)')
+
+    profiles = {}
+    if args.op_profile:
+        for name in ('plain', 'refconv_mm', 'seed'):
+            profiles[name] = op_profile(bench, variants[name], data, args.op_profile, device)
+            log(f'  [op profile] {bench.name} {name}, one training step:\n{profiles[name]}')
+
+    # Eval: merged copy of the (trained) refconv_mm model, checked against the unmerged one.
+    models = {n: v.model.eval() for n, v in variants.items()}
+    models['merged'] = merge_refconv(copy.deepcopy(models['refconv_mm'])).eval()
+    if refocus_layers(models['merged'], RefConv2d):
+        raise RuntimeError('merge_refconv left RefConv layers in the model')
+    with torch.no_grad():
+        merge_rel = _rel_max_diff(bench.eval_forward(models['merged'], data),
+                                  bench.eval_forward(models['refconv_mm'], data))
+    if not merge_rel <= 1e-4:
+        raise RuntimeError(f'merged eval output differs from unmerged: rel {merge_rel:.2e}')
+    checks['merged_vs_unmerged_rel_diff'] = merge_rel
+    log(f'  check merged vs unmerged eval output: rel max diff {merge_rel:.1e}: ok')
+
+    def eval_one(name: str) -> Tuple[float, Any]:
+        with torch.no_grad():
+            dt, _ = timed(lambda: bench.eval_forward(models[name], data), device)
+        return dt, None
+
+    eval_times = round_robin(EVAL_VARIANTS, args.warmup, eval_steps, eval_one, 'eval')
+    result = {
+        'desc': bench.desc, 'steps': steps, 'eval_steps': eval_steps, 'warmup': args.warmup,
+        'info': info, 'checks': checks, 'train_times_s': train_times, 'memory_bytes': memory,
+        'eval_times_s': eval_times, 'op_profiles': profiles,
+        'runtime_s': time.perf_counter() - t0,
+    }
+    del variants, models
+    gc.collect()
+    return result
+
+
+# -- report ------------------------------------------------------------------------
+def summarize(name: str, res: dict) -> List[dict]:
+    """Per-variant medians, ratios to plain and target verdicts of one model."""
+    tt, et, mem = res['train_times_s'], res['eval_times_s'], res['memory_bytes']
+    base_t, base_e = _median(tt['plain']), _median(et['plain'])
+    base_m = mem['plain']['peak']
+    noise = max(MERGED_MIN_NOISE, _iqr_rel(et['plain']))
+    rows = []
+    for v in EVAL_VARIANTS:
+        row: Dict[str, Any] = {'model': name, 'variant': v}
+        if v in tt:
+            row['train_s'] = _median(tt[v])
+            row['train_ratio'] = row['train_s'] / base_t
+            row['train_spread_rel'] = _iqr_rel(tt[v])
+            row['peak_mib'] = mem[v]['peak'] / MIB
+            row['memory_ratio'] = mem[v]['peak'] / base_m
+        row['eval_ms'] = 1e3 * _median(et[v])
+        row['eval_ratio'] = _median(et[v]) / base_e
+        targets = []
+        if v == 'refconv_mm':
+            tgt = TARGETS[name]
+            targets += [('train', tgt['train'], row['train_ratio'] <= tgt['train']),
+                        ('memory', tgt['memory'], row['memory_ratio'] <= tgt['memory']),
+                        ('eval unmerged', EVAL_UNMERGED_TARGET,
+                         row['eval_ratio'] <= EVAL_UNMERGED_TARGET)]
+        elif v == 'merged':
+            targets.append((f'eval == plain (+-{noise:.1%})', None,
+                            abs(row['eval_ratio'] - 1) <= noise))
+        row['targets'] = [{'what': w, 'max_ratio': r, 'met': bool(ok)} for w, r, ok in targets]
+        rows.append(row)
+    return rows
+
+
+def _fmt(x: Optional[float], spec: str) -> str:
+    return '-' if x is None else format(x, spec)
+
+
+def markdown_table(rows: List[dict]) -> str:
+    """The results as a Markdown table, targets and verdicts in the last column."""
+    head = ('| model | variant | train step median (s) | x plain | peak memory (MiB) | x plain '
+            '| eval forward median (ms) | x plain | targets |')
+    lines = [head, '|' + '---|' * 9]
+    for r in rows:
+        tg = []
+        for t in r['targets']:
+            bound = f' <= {t["max_ratio"]:.2f}x' if t['max_ratio'] is not None else ''
+            tg.append(f'{t["what"]}{bound}: {"met" if t["met"] else "**NOT MET**"}')
+        lines.append(
+            f'| {r["model"]} | {r["variant"]} | {_fmt(r.get("train_s"), ".3f")} | '
+            f'{_fmt(r.get("train_ratio"), ".3f")} | {_fmt(r.get("peak_mib"), ".1f")} | '
+            f'{_fmt(r.get("memory_ratio"), ".3f")} | {r["eval_ms"]:.1f} | '
+            f'{r["eval_ratio"]:.3f} | {"; ".join(tg) or "-"} |')
+    return '\n'.join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--models', nargs='+', choices=('retinanet', 'mobilenetv2'),
+                   default=['retinanet', 'mobilenetv2'])
+    p.add_argument('--steps', type=int, default=None,
+                   help='timed training steps per variant (default: retinanet 5, mobilenetv2 10)')
+    p.add_argument('--eval-steps', type=int, default=None,
+                   help='timed eval forwards per variant (default: as --steps)')
+    p.add_argument('--warmup', type=int, default=2, help='untimed rounds before timing')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--threads', type=int, default=None,
+                   help='torch.set_num_threads (default: leave torch\'s default)')
+    p.add_argument('--retinanet-size', type=int, default=512)
+    p.add_argument('--retinanet-batch', type=int, default=2)
+    p.add_argument('--mobilenetv2-size', type=int, default=224)
+    p.add_argument('--mobilenetv2-batch', type=int, default=16)
+    p.add_argument('--op-profile', type=int, default=0, metavar='K',
+                   help='also print the top K ops of one training step per variant')
+    p.add_argument('--out', default='outputs/benchmark/speed_memory.json')
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Run the benchmark, print the table and write the JSON."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    t_start = time.perf_counter()
+    log(f'torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, '
+        f'{platform.processor() or platform.machine()}, {os.cpu_count()} cpus')
+    selfcheck = memory_self_check(device)
+    log(f'memory method self-check: expected {selfcheck["expected_bytes"]} B, measured '
+        f'{selfcheck["measured_bytes"]} B: ok')
+    factories = {
+        'retinanet': lambda: retinanet_bench(args.retinanet_size, args.retinanet_batch),
+        'mobilenetv2': lambda: mobilenetv2_bench(args.mobilenetv2_size, args.mobilenetv2_batch),
+    }
+    results, rows = {}, []
+    for name in args.models:
+        results[name] = run_model(factories[name](), args, device)
+        rows += summarize(name, results[name])
+    table = markdown_table(rows)
+    total = time.perf_counter() - t_start
+    log('\n' + table)
+    log(f'\ntotal runtime {total:.0f}s')
+    out = {
+        'args': vars(args), 'torch': torch.__version__, 'device': str(device),
+        'threads': torch.get_num_threads(), 'memory_self_check': selfcheck,
+        'memory_method': 'static (params+buffers+grads+optimizer state) + max running sum of '
+                         'profiler [memory] events during one step (CPU) / cuda peak increase',
+        'rows': rows, 'results': results, 'table': table, 'total_runtime_s': total,
+    }
+    if osp.dirname(args.out):
+        os.makedirs(osp.dirname(args.out), exist_ok=True)
+    with open(args.out, 'w') as f:
+        json.dump(out, f, indent=1)
+    log(f'wrote {args.out}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv in the repo root and install the pinned stack into it.
+# Idempotent: a second run with unchanged requirements installs nothing.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${REFCONV_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+
+STAMP="$VENV/.refconv_mm-stack"
+WANT="$(cat "$ROOT"/requirements/*.txt "$ROOT/setup.py" "$0" | sha256sum | cut -d' ' -f1)"
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
+    exit 0
+fi
+
+ver="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+if [[ "$ver" != "3.11" ]]; then
+    echo "refconv_mm: the pinned stack needs Python 3.11, found $ver at $(command -v "$PY")." >&2
+    echo "            Set PYTHON=/path/to/python3.11 and run again." >&2
+    exit 2
+fi
+command -v c++ >/dev/null 2>&1 || { echo "refconv_mm: a C++ compiler (c++) is needed to build mmcv's CPU ops." >&2; exit 2; }
+
+echo "[setup] virtual environment: $VENV"
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+# A local wheel directory (as on the project's machines) is used when present.
+[[ -d /opt/wheels ]] && PIP+=(--find-links /opt/wheels)
+
+step() { echo "[setup] $*"; }
+step "base packages (torch, build tools, runtime requirements)"
+"${PIP[@]}" install -q -r "$ROOT/requirements/build.txt" -r "$ROOT/requirements/runtime.txt"
+step "mmengine 0.10.7"
+"${PIP[@]}" install -q --no-deps mmengine==0.10.7
+if ! "$VENV/bin/python" -c 'import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ != "2.1.0")' 2>/dev/null; then
+    step "mmcv 2.1.0 from source with CPU ops (about 10 minutes on 2 cores the first time; cached by pip after)"
+    MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="$(nproc)" \
+        "${PIP[@]}" install --no-build-isolation --no-deps mmcv==2.1.0
+fi
+step "mmdet 3.3.0, mmsegmentation 1.2.2"
+"${PIP[@]}" install -q -r "$ROOT/requirements/openmmlab.txt" -c "$ROOT/requirements/runtime.txt"
+step "test and tool requirements"
+"${PIP[@]}" install -q -r "$ROOT/requirements/tests.txt" -c "$ROOT/requirements/runtime.txt"
+step "refconv_mm (editable)"
+"${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
+"$VENV/bin/python" -c 'import refconv_mm, mmdet, mmseg, mmcv.ops; print("[setup] ok: refconv_mm", refconv_mm.__version__)'
+echo "$WANT" > "$STAMP"
