@@ -1,5 +1,6 @@
 """Checkpoint I/O: weights-only loading of mmengine checkpoints, atomic writes."""
 import os
+import pickle
 import os.path as osp
 import tempfile
 from typing import Dict, Mapping, Optional
@@ -29,6 +30,19 @@ def _safe_globals() -> list:
     return types
 
 
+def _history_buffer_getattr(obj, name: str):
+    """Stands in for ``getattr`` while unpickling: only HistoryBuffer's statistics methods."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+    # HistoryBuffer pickles its registered statistics as getattr(HistoryBuffer, 'mean') etc.
+    allowed = {'min', 'max', 'current', 'mean', *HistoryBuffer._statistics_methods}
+    if obj is HistoryBuffer and name in allowed:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(
+        f'refconv_mm: checkpoint asks for getattr({obj!r}, {name!r}); only mmengine '
+        "HistoryBuffer statistics are allowed. Load it with weights_only=False only if you "
+        'trust its source.')
+
+
 def allow_mmengine_checkpoints() -> None:
     """Let ``torch.load``'s weights-only default read mmengine's own checkpoints.
 
@@ -38,7 +52,8 @@ def allow_mmengine_checkpoints() -> None:
     loading off, allow-list exactly those types: any other pickled object is
     still refused.
     """
-    torch.serialization.add_safe_globals(_safe_globals())
+    torch.serialization.add_safe_globals(
+        _safe_globals() + [(_history_buffer_getattr, 'builtins.getattr')])
 
 
 def load_checkpoint_file(path: str) -> Dict:

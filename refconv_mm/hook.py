@@ -21,10 +21,14 @@ def refconv_summary(model: nn.Module) -> Dict[str, object]:
     layers = {n: m for n, m in model.named_modules() if isinstance(m, RefConv2d)}
     basis = {id(p) for m in layers.values() for p in (m.weight, m.bias) if p is not None}
     refocus = {id(m.refocus_weight) for m in layers.values()}
-    counts = dict(basis=0, refocus=0, other_trainable=0, other_frozen=0)
+    counts = dict(basis=0, refocus=0, refocus_frozen=0, other_trainable=0, other_frozen=0)
     for p in model.parameters():
-        key = ('basis' if id(p) in basis else 'refocus' if id(p) in refocus else
-               'other_trainable' if p.requires_grad else 'other_frozen')
+        if id(p) in basis:
+            key = 'basis'
+        elif id(p) in refocus:  # a model may freeze some itself (ResNet frozen_stages)
+            key = 'refocus' if p.requires_grad else 'refocus_frozen'
+        else:
+            key = 'other_trainable' if p.requires_grad else 'other_frozen'
         counts[key] += p.numel()
     unloaded = [n for n, m in layers.items() if not m.basis_loaded]
     return dict(layers=len(layers), unloaded=unloaded, **counts)
@@ -113,7 +117,8 @@ class RefConvHook(Hook):
         s = refconv_summary(self._module(runner))
         runner.logger.info(
             f"RefConvHook: {s['layers']} RefConv layers; frozen basis params {s['basis']:,}; "
-            f"trainable refocusing params {s['refocus']:,}; other trainable params "
+            f"trainable refocusing params {s['refocus']:,} (frozen by the model, e.g. "
+            f"frozen_stages: {s['refocus_frozen']:,}); other trainable params "
             f"{s['other_trainable']:,}; other frozen params {s['other_frozen']:,}; "
             f'recipe {self.recipe}.')
         if s['unloaded']:

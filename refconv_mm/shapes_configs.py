@@ -134,7 +134,7 @@ def write_config_pair(work_dir: str, data_root: str, task: str = 'det',
                       ckpt_interval: Optional[int] = None, log_interval: int = 10,
                       override: Optional[str] = None, load_from: Optional[str] = None,
                       hook: Optional[dict] = None, refconv: Optional[dict] = None,
-                      extra: str = '') -> Dict[str, str]:
+                      extra: str = '', refconv_extra: str = '') -> Dict[str, str]:
     """Write ``baseline.py`` and ``refconv.py`` for the shapes data into ``work_dir``.
 
     Args:
@@ -142,6 +142,7 @@ def write_config_pair(work_dir: str, data_root: str, task: str = 'det',
         base: The installed config to adapt (``'mmdet::...'``/``'mmseg::...'``).
         override: The RefConv ``model = ...`` override (a dict literal using ``refconv``).
         load_from: The trained checkpoint the RefConv config starts from.
+        extra, refconv_extra: Config text appended to ``baseline.py`` / ``refconv.py``.
 
     Returns:
         ``{'baseline': path, 'refconv': path}``.
@@ -150,11 +151,12 @@ def write_config_pair(work_dir: str, data_root: str, task: str = 'det',
     base = base or (DET_BASE if task == 'det' else SEG_BASE)
     ckpt_interval = ckpt_interval or iters
     if task == 'det':
+        # score_thr=0: even a barely trained detector returns boxes, so mAP is always defined.
         model = (f"model = dict(backbone=dict(init_cfg=None), "
-                 f"bbox_head=dict(num_classes={len(CLASSES)}))\n")
+                 f"bbox_head=dict(num_classes={len(CLASSES)}), test_cfg=dict(score_thr=0.0))\n")
         if 'rcnn' in base:
             model = (f"model = dict(backbone=dict(init_cfg=None), roi_head=dict(bbox_head=dict("
-                     f"num_classes={len(CLASSES)})))\n")
+                     f"num_classes={len(CLASSES)})), test_cfg=dict(rcnn=dict(score_thr=0.0)))\n")
         body = _det_body(data_root, size, batch) + model
         override = override or REFCONV_OVERRIDES['retinanet']
     elif task == 'seg':
@@ -189,6 +191,7 @@ def write_config_pair(work_dir: str, data_root: str, task: str = 'det',
         f"default_hooks = dict(checkpoint=dict(interval={ckpt_interval}))\n")
     if refocus_lr is not None:
         text += f'optim_wrapper = dict(optimizer=dict(lr={refocus_lr}))\n'
+    text += refconv_extra
     with open(paths['refconv'], 'w') as f:
         f.write(text)
     return paths

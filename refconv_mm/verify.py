@@ -1,4 +1,5 @@
 """Run the same random input through two mmdet/mmseg models and compare their raw outputs."""
+import copy
 from typing import List, Tuple
 
 import torch
@@ -13,7 +14,8 @@ __all__ = ['build_model', 'random_batch', 'flat_outputs', 'max_output_diff']
 def build_model(cfg: Config) -> nn.Module:
     """Build ``cfg.model`` in the config's default scope (eval mode, CPU)."""
     init_default_scope(cfg.get('default_scope', 'mmdet'))
-    model = MODELS.build(cfg.model)
+    # Some models (mmseg's EncoderDecoder) write into the config they are built from.
+    model = MODELS.build(copy.deepcopy(cfg.model))
     return model.eval()
 
 

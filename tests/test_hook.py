@@ -23,9 +23,10 @@ def base_ckpt(det_data, tmp_path_factory):
 
 
 def refocus_runner(base_ckpt, tmp_path, iters=2, hook=None, extra='', load_from='default'):
+    """A Runner for the RefConv config; ``extra`` is appended to that config."""
     paths = write_config_pair(str(tmp_path), base_ckpt['data']['data_root'], 'det', iters=2,
                               refocus_iters=iters, size=64, batch=2, log_interval=1,
-                              hook=hook, extra=extra,
+                              hook=hook, refconv_extra=extra,
                               load_from=base_ckpt['ckpt'] if load_from == 'default' else load_from)
     cfg = Config.fromfile(paths['refconv'])
     cfg.work_dir = str(tmp_path)
@@ -64,7 +65,7 @@ def test_summary_and_basis_frozen_with_paramwise_cfg(base_ckpt, tmp_path, caplog
     _, refocus = basis_and_refocus(model)
     assert sum(r.abs().sum() for r in refocus.values()) > 0  # moved away from zero init
     log = open(osp.join(runner.log_dir, f'{runner.timestamp}.log')).read()
-    assert 'RefConvHook: 69 RefConv layers; frozen basis params' in log
+    assert 'RefConvHook: 36 RefConv layers; frozen basis params' in log
     assert 'trainable refocusing params' in log and 'RANDOM' not in log
 
 
@@ -90,7 +91,7 @@ def test_refocus_only_recipe(base_ckpt, tmp_path):
     sd = runner.model.state_dict()
     # the plain classifier conv (not RefConv) is frozen by the recipe; BN stays trainable
     assert torch.equal(sd['bbox_head.retina_cls.weight'], before['bbox_head.retina_cls.weight'])
-    assert not torch.equal(sd['backbone.bn1.weight'], before['backbone.bn1.weight'])
+    assert not torch.equal(sd['backbone.layer2.0.bn1.weight'], before['backbone.layer2.0.bn1.weight'])
     assert_basis_kept(runner.model, base_ckpt['ckpt'])
 
 

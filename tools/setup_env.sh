@@ -25,17 +25,20 @@ echo "[setup] virtual environment: $VENV"
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 # A local wheel directory (as on the project's machines) is used when present.
-[[ -d /opt/wheels ]] && PIP+=(--find-links /opt/wheels)
+[[ -d /opt/wheels ]] && export PIP_FIND_LINKS="/opt/wheels${PIP_FIND_LINKS:+ $PIP_FIND_LINKS}"
 
 step() { echo "[setup] $*"; }
-step "base packages (torch, build tools, runtime requirements)"
-"${PIP[@]}" install -q -r "$ROOT/requirements/build.txt" -r "$ROOT/requirements/runtime.txt"
+step "base packages (torch 2.13.0 CPU, runtime requirements)"
+"${PIP[@]}" install -q -r "$ROOT/requirements/runtime.txt"
 step "mmengine 0.10.7"
 "${PIP[@]}" install -q --no-deps mmengine==0.10.7
 if ! "$VENV/bin/python" -c 'import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ != "2.1.0")' 2>/dev/null; then
-    step "mmcv 2.1.0 from source with CPU ops (about 10 minutes on 2 cores the first time; cached by pip after)"
+    step "mmcv 2.1.0 from source with CPU ops (20-40 minutes on 2 cores the first time; pip caches the wheel)"
+    "${PIP[@]}" install -q -r "$ROOT/requirements/build.txt"
     MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="$(nproc)" \
         "${PIP[@]}" install --no-build-isolation --no-deps mmcv==2.1.0
+    # back to the runtime setuptools (torch wants >=77, mmengine's pkg_resources needs <82)
+    "${PIP[@]}" install -q -r "$ROOT/requirements/runtime.txt"
 fi
 step "mmdet 3.3.0, mmsegmentation 1.2.2"
 "${PIP[@]}" install -q -r "$ROOT/requirements/openmmlab.txt" -c "$ROOT/requirements/runtime.txt"

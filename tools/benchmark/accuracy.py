@@ -149,27 +149,31 @@ def run_mm_task(task: str, args: argparse.Namespace, seeds: Sequence[int]) -> Di
     make = make_detection_set if task == 'det' else make_segmentation_set
     make(data_root, num_train=b['num_train'], num_val=b['num_val'], size=b['size'], seed=0)
     base_ckpt = osp.abspath(osp.join(root, 'baseline', 'train', f"iter_{b['base_iters']}.pth"))
+    scratch = DET_SCRATCH if task == 'det' and args.det_scratch else ''
+    common = dict(data_root=data_root, task=task, size=b['size'], batch=b['batch'])
+    base_cfg = write_config_pair(
+        osp.join(root, 'configs', 'baseline'), iters=b['base_iters'], lr=b['lr'],
+        extra=scratch + schedule_text(args.schedule, b['base_iters']), **common)['baseline']
+    # The extra phase gets its own config pairs: the schedule spans the extra iterations.
     configs = {}
     for arm, init in ARM_INIT.items():
         configs[arm] = write_config_pair(
-            osp.join(root, 'configs', arm), data_root, task=task, iters=b['base_iters'],
-            refocus_iters=b['extra_iters'], size=b['size'], batch=b['batch'], lr=b['lr'],
-            refocus_lr=b['extra_lr'], refconv=dict(type='RefConv', init=init),
-            load_from=base_ckpt, extra=DET_SCRATCH if task == 'det' and args.det_scratch else '')
-    baseline_cfg = configs['refconv']['baseline']  # identical in every config pair
+            osp.join(root, 'configs', arm), iters=b['extra_iters'], refocus_iters=b['extra_iters'],
+            lr=b['extra_lr'], refconv=dict(type='RefConv', init=init), load_from=base_ckpt,
+            extra=scratch + schedule_text(args.schedule, b['extra_iters']), **common)
+    extra_cfg = configs['refconv']['baseline']  # the ORIGINAL config, identical in both pairs
     py = args.python
     log(f"{task}: baseline, {b['base_iters']} iters (seed 0) ...")
-    base = train_and_test(py, baseline_cfg, osp.join(root, 'baseline'), b['base_iters'],
+    base = train_and_test(py, base_cfg, osp.join(root, 'baseline'), b['base_iters'],
                           ['randomness.seed=0'], args.reuse)
     assert osp.abspath(base['checkpoint']) == base_ckpt, (base['checkpoint'], base_ckpt)
     log(f"{task}: baseline train {base['train_s']:.0f}s test {base['test_s']:.0f}s  "
         + _fmt_metrics(task, base['metrics']))
-    common = [f"optim_wrapper.optimizer.lr={b['extra_lr']}"]
     arms: Dict[str, Dict[str, object]] = {}
     for seed in seeds:
         for arm in ARMS:
-            cfg = baseline_cfg if arm == 'continue' else configs[arm]['refconv']
-            opts = common + [f'randomness.seed={seed}', f'load_from={base_ckpt}']
+            cfg = extra_cfg if arm == 'continue' else configs[arm]['refconv']
+            opts = [f'randomness.seed={seed}', f'load_from={base_ckpt}']
             run_dir = osp.join(root, arm, f'seed{seed}')
             r = train_and_test(py, cfg, run_dir, b['extra_iters'], opts, args.reuse)
             a = arms.setdefault(arm, dict(seeds=[], runs=[]))
@@ -178,7 +182,7 @@ def run_mm_task(task: str, args: argparse.Namespace, seeds: Sequence[int]) -> Di
             log(f"{task}: {arm:<12} seed {seed}: train {r['train_s']:.0f}s test {r['test_s']:.0f}s"
                 f"  {_fmt_metrics(task, r['metrics'])}")
             if args.verify_merge and arm != 'continue' and seed == seeds[0]:
-                m = check_merged(py, cfg, baseline_cfg, r['checkpoint'], run_dir)
+                m = check_merged(py, cfg, extra_cfg, r['checkpoint'], run_dir)
                 a['merged_check'] = dict(seed=seed, metrics=m)
                 log(f'{task}: {arm:<12} seed {seed}: MERGED checkpoint, original config: '
                     + _fmt_metrics(task, m))
@@ -205,6 +209,17 @@ def _summarise(task: str, baseline: Dict[str, float], arms: Dict[str, Dict[str, 
         entry['runs'] = [{k: r.get(k) for k in ('metrics', 'train_s', 'test_s')} for r in a['runs']]
         out['arms'][arm] = entry
     return out
+
+
+def schedule_text(schedule: str, iters: int) -> str:
+    """Config text for the lr schedule of a phase of ``iters`` ('' keeps the config's own)."""
+    if schedule == 'constant':
+        return ''  # shapes_configs' linear warmup, then a constant lr
+    warm = max(1, min(50, iters // 5))  # the same warmup as shapes_configs
+    return ('param_scheduler = [\n'
+            f"    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end={warm}),\n"
+            f"    dict(type='CosineAnnealingLR', by_epoch=False, begin={warm}, end={iters}, "
+            f'T_max={iters - warm}, eta_min=0.0)]\n')
 
 
 def budget(task: str, args: argparse.Namespace) -> Dict[str, object]:
@@ -254,12 +269,18 @@ def _digits_data(test_size: float, split_seed: int):
     return [torch.from_numpy(p) for p in parts]  # xtr, xte, ytr, yte
 
 
-def _digits_train(model, xtr, ytr, epochs: int, lr: float, batch: int, seed: int) -> None:
+def _digits_train(model, xtr, ytr, epochs: int, lr: float, batch: int, seed: int,
+                  schedule: str) -> None:
     import torch
     import torch.nn.functional as F
     gen = torch.Generator().manual_seed(seed)  # the data order of this phase
     params = [p for p in model.parameters() if p.requires_grad]  # RefConv bases are frozen
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+    steps = epochs * math.ceil(len(xtr) / batch)
+    # Cosine to 0 over the phase: the end point is not one noisy SGD step of a constant lr.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, (lambda i: 0.5 * (1 + math.cos(math.pi * i / steps))) if schedule == 'cosine'
+        else (lambda i: 1.0))
     model.train()
     for _ in range(epochs):
         perm = torch.randperm(len(xtr), generator=gen)
@@ -269,6 +290,7 @@ def _digits_train(model, xtr, ytr, epochs: int, lr: float, batch: int, seed: int
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
 
 
 def _digits_acc(model, xte, yte) -> float:
@@ -283,11 +305,12 @@ def run_digits(args: argparse.Namespace, seeds: Sequence[int]) -> Dict[str, obje
     import torch
     torch.set_num_threads(args.threads)
     b = budget('digits', args)
+    b.pop('seeds', None)
     xtr, xte, ytr, yte = _digits_data(b['test_size'], b['split_seed'])
     torch.manual_seed(0)
     t = time.time()
     base = digits_net('plain', b['width'])
-    _digits_train(base, xtr, ytr, b['base_epochs'], b['lr'], b['batch'], seed=10_000)
+    _digits_train(base, xtr, ytr, b['base_epochs'], b['lr'], b['batch'], 10_000, args.schedule)
     base_sd = base.state_dict()
     base_acc = _digits_acc(base, xte, yte)
     log(f"digits: baseline {b['base_epochs']} epochs ({len(xtr)} train / {len(xte)} test) "
@@ -304,7 +327,8 @@ def run_digits(args: argparse.Namespace, seeds: Sequence[int]) -> Dict[str, obje
                 raise RuntimeError(f'digits: baseline does not fit {arm}: {bad} '
                                    f'{res.unexpected_keys}')
             start = _digits_acc(model, xte, yte)
-            _digits_train(model, xtr, ytr, b['extra_epochs'], b['extra_lr'], b['batch'], seed)
+            _digits_train(model, xtr, ytr, b['extra_epochs'], b['extra_lr'], b['batch'], seed,
+                          args.schedule)
             acc = _digits_acc(model, xte, yte)
             a = arms.setdefault(arm, dict(seeds=[], runs=[]))
             a['seeds'].append(seed)
@@ -342,7 +366,7 @@ def plot(results: Dict[str, Dict[str, object]], path: str) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     panels = [(t, k, n) for t in results for k, n in METRICS[t]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.0, 3.6 * len(panels)), 3.8), squeeze=False)
     colors = {'continue': '#7f7f7f', 'refconv': '#1f77b4', 'refconv_zero': '#2ca02c'}
     for ax, (task, key, name) in zip(axes[0], panels):
         res = results[task]
@@ -366,7 +390,7 @@ def plot(results: Dict[str, Dict[str, object]], path: str) -> None:
         ax.set_xticklabels(arms, rotation=15)
         ax.set_title(f'{task}: {name}')
         ax.legend(fontsize=7, loc='lower right')
-    fig.suptitle('Same checkpoint, same extra budget: mean ± std over seeds', fontsize=10)
+    fig.suptitle('Same checkpoint, same extra budget (mean ± std over seeds)', fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -387,7 +411,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--verify-merge', action='store_true',
                    help='also merge the first seed\'s refocused checkpoints and test them with '
                    'the ORIGINAL config')
-    p.add_argument('--threads', type=int, default=2, help='torch threads for digits')
+    p.add_argument('--schedule', choices=['cosine', 'constant'], default='cosine',
+                   help='lr schedule of every phase (baseline and extra alike): linear warmup '
+                   '+ cosine to 0 (det/seg), cosine to 0 (digits); or a constant lr')
+    p.add_argument('--threads', type=int, default=1,
+                   help='torch threads for digits (1: the tiny net gains nothing from more)')
     for task, d in (('det', dict(num_train=160, num_val=48, size=128, batch=4, base_iters=400,
                                  extra_iters=100, lr=0.01)),
                     ('seg', dict(num_train=160, num_val=48, size=128, batch=4, base_iters=300,
@@ -401,11 +429,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help='keep RetinaNet\'s frozen stem/layer1 and frozen BN stats (meant for '
                    'ImageNet weights, which this offline benchmark does not have)')
     g = p.add_argument_group('digits')
-    for k, v in dict(base_epochs=5, extra_epochs=5, lr=0.01, batch=32, width=16, test_size=0.5,
+    for k, v in dict(base_epochs=10, extra_epochs=10, lr=0.01, batch=32, width=16, test_size=0.5,
                      split_seed=0).items():
         g.add_argument(f'--digits-{k.replace("_", "-")}', type=type(v), default=v)
     g.add_argument('--digits-extra-lr', type=float, default=None,
                    help='lr of the extra epochs (all arms); default: the baseline lr')
+    g.add_argument('--digits-seeds', nargs='+', type=int, default=None,
+                   help='seeds for digits only (it is cheap); default: --seeds')
     return p.parse_args(argv)
 
 
@@ -420,13 +450,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     header = (f'# RefConv accuracy benchmark ({date})\n'
               f'command: python {command}\n'
               f"arms: continue (original config), refconv (init='official'), "
-              f"refconv_zero (init='zero'); seeds {args.seeds}; std = sample std (ddof=1)")
+              f"refconv_zero (init='zero'); seeds {args.seeds}"
+              + (f' (digits: {args.digits_seeds})' if args.digits_seeds else '')
+              + f'; lr schedule per phase: {args.schedule}; std = sample std (ddof=1)')
     print(header, flush=True)
     results: Dict[str, Dict[str, object]] = {}
     for task in args.tasks:
         t = time.time()
-        results[task] = run_digits(args, args.seeds) if task == 'digits' else \
-            run_mm_task(task, args, args.seeds)
+        results[task] = run_digits(args, args.digits_seeds or args.seeds) \
+            if task == 'digits' else run_mm_task(task, args, args.seeds)
         results[task]['runtime_s'] = time.time() - t
         log(f'{task}: done in {time.time() - t:.0f}s')
     total = time.time() - _T0
@@ -435,7 +467,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     for task, res in results.items():
         print(f'{task} budget: ' + ', '.join(f'{k}={v}' for k, v in res['budget'].items()))
     print('\n' + table + f'\n\ntotal runtime: {total / 60:.1f} min')
-    out = dict(date=date, command='python ' + command, seeds=args.seeds, total_runtime_s=total,
+    out = dict(date=date, command='python ' + command, seeds=args.seeds, schedule=args.schedule,
+               digits_seeds=args.digits_seeds or args.seeds, total_runtime_s=total,
                std='sample std (ddof=1)', results=results)
     with open(osp.join(args.work_dir, 'results.json'), 'w') as f:
         json.dump(out, f, indent=1, default=str)

@@ -58,6 +58,7 @@ import argparse
 import copy
 import gc
 import json
+import logging
 import os
 import os.path as osp
 import platform
@@ -70,6 +71,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mmengine.logging import MMLogger
 from mmengine.registry import MODELS
 from torch.nn.modules.utils import _pair
 
@@ -151,13 +153,16 @@ class Bench:
 
 def retinanet_bench(size: int, batch: int) -> Bench:
     """RetinaNet-R50-FPN from mmdet's installed config, random images and gt boxes."""
+    import mmdet
     from mmdet.registry import MODELS as DET_MODELS
     from mmdet.structures import DetDataSample
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
     from mmengine.structures import InstanceData
     register_all_modules(init_default_scope=True)
-    base = Config.fromfile('mmdet::retinanet/retinanet_r50_fpn_1x_coco.py').model
+    # The installed mmdet's .mim copy of 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'.
+    base = Config.fromfile(osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', 'retinanet',
+                                    'retinanet_r50_fpn_1x_coco.py')).model
     base.backbone.init_cfg = None  # no pretrained download
 
     def build(conv_cfg: Optional[dict]) -> nn.Module:
@@ -486,6 +491,7 @@ def op_profile(bench: Bench, v: Variant, data, top: int, device: torch.device) -
 
 def run_model(bench: Bench, args: argparse.Namespace, device: torch.device) -> dict:
     """Checks, training timing, peak memory and eval timing for one model's variants."""
+    MMLogger.get_current_instance().setLevel(logging.WARNING)  # init_weights logs every param
     steps = args.steps or DEFAULT_STEPS[bench.name]
     eval_steps = args.eval_steps or steps
     log(f'\n== {bench.name}: {bench.desc}; warmup {args.warmup}, steps {steps}, eval steps '
