@@ -58,3 +58,218 @@ def run(args, log_path: str) -> float:
         if proc.wait() != 0:
             raise SystemExit(f'{args[0]} failed (exit {proc.returncode}); full log: {log_path}')
     return time.perf_counter() - t0
+
+
+def last_checkpoint(work_dir: str) -> str:
+    """The checkpoint mmengine recorded as the latest in ``work_dir``."""
+    with open(osp.join(work_dir, 'last_checkpoint')) as f:
+        return f.read().strip()
+
+
+def test_metrics(work_dir: str) -> dict:
+    """Metrics of the latest test run in ``work_dir`` (mmengine's LoggerHook json)."""
+    runs = sorted(d for d in os.listdir(work_dir) if osp.isdir(osp.join(work_dir, d))
+                  and d[:8].isdigit())
+    path = osp.join(work_dir, runs[-1], runs[-1] + '.json')
+    with open(path) as f:
+        return json.loads(f.read().strip().splitlines()[-1])
+
+
+def train_curve(work_dir: str):
+    """``(iters, losses)`` from mmengine's scalars.json of a training run."""
+    runs = sorted(d for d in os.listdir(work_dir) if osp.isdir(osp.join(work_dir, d))
+                  and d[:8].isdigit())
+    its, losses = [], []
+    for run_dir in runs:
+        path = osp.join(work_dir, run_dir, 'vis_data', 'scalars.json')
+        if not osp.isfile(path):
+            continue
+        with open(path) as f:
+            for line in f:
+                rec = json.loads(line)
+                if 'loss' in rec and 'iter' in rec:
+                    its.append(rec['iter'])
+                    losses.append(rec['loss'])
+    return its, losses
+
+
+def time_inference(cfg_path: str, ckpt: str, merge: bool, reps: int = 10) -> float:
+    """Median eval forward time (ms) of one val-sized image, optionally after merging."""
+    import torch
+    from mmengine.config import Config
+    from mmengine.runner import load_checkpoint
+
+    import refconv_mm
+    from refconv_mm.verify import build_model, random_batch
+    cfg = Config.fromfile(cfg_path)
+    model = build_model(cfg)
+    load_checkpoint(model, ckpt, map_location='cpu', logger='silent')
+    if merge:
+        refconv_mm.merge_refconv(model)
+    x, samples = random_batch(model, (128, 128))
+    times = []
+    with torch.no_grad():
+        for i in range(reps + 2):
+            t0 = time.perf_counter()
+            model(x, samples, mode='tensor')
+            if i >= 2:  # warm-up (and RefConv's kernel cache) excluded
+                times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def param_counts(cfg_path: str) -> dict:
+    """Parameter counts of the model a config builds (RefConv split into basis / refocus)."""
+    from mmengine.config import Config
+
+    from refconv_mm.hook import refconv_summary
+    from refconv_mm.verify import build_model
+    model = build_model(Config.fromfile(cfg_path))
+    total = sum(p.numel() for p in model.parameters())
+    s = refconv_summary(model)
+    return dict(total=total, basis=s['basis'], refocus=s['refocus'] + s['refocus_frozen'],
+                trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def plot_curves(out: str, curves: dict, metrics: dict, metric_key: str) -> None:
+    """Training-loss curves (baseline then refocus, on one iteration axis) and the metric bars."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    offset = 0
+    for name, (its, losses) in curves.items():
+        if its:
+            a.plot([i + offset for i in its], losses, label=name)
+            if name == 'baseline':
+                offset = max(its)
+    if offset:
+        a.axvline(offset, color='gray', ls='--', lw=1)
+    a.set_xlabel('iteration')
+    a.set_ylabel('training loss')
+    a.set_title('Training curves (refocus training starts at the dashed line)')
+    a.legend()
+    names = list(metrics)
+    vals = [metrics[n].get(metric_key, float('nan')) for n in names]
+    b.bar(names, vals, color=['#888', '#2a7', '#27a'][:len(names)])
+    for i, v in enumerate(vals):
+        b.text(i, v, f'{v:.4f}', ha='center', va='bottom')
+    b.set_title(metric_key)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    work = osp.abspath(args.work_dir)
+    if osp.isdir(work) and os.listdir(work) and not args.force:
+        raise SystemExit(f'demo: {work} exists and is not empty; pass --force to reuse it '
+                         'or --work-dir to choose another')
+    os.makedirs(work, exist_ok=True)
+    if bool(args.config) != bool(args.checkpoint):
+        raise SystemExit('demo: --config and --checkpoint go together (your RefConv config '
+                         'and the trained checkpoint it starts from)')
+    t0 = time.perf_counter()
+    opts = ['--cfg-options', f'randomness.seed={args.seed}', *args.cfg_options]
+    n_stages = 5 if args.config else 6
+    k = 0
+    times = {}
+
+    def next_stage(msg):
+        nonlocal k
+        k += 1
+        stage(f'[{k}/{n_stages}] {msg}')
+
+    if args.config:
+        refconv_cfg, base_ckpt = osp.abspath(args.config), osp.abspath(args.checkpoint)
+        baseline_cfg = args.baseline_config
+        if not baseline_cfg:
+            from mmengine.config import Config
+
+            import refconv_mm  # noqa: F401
+            from refconv_mm.config import plain_config
+            baseline_cfg = osp.join(work, 'baseline_config.py')
+            plain_config(Config.fromfile(refconv_cfg)).dump(baseline_cfg)
+    else:
+        sys.path.insert(0, ROOT)
+        from refconv_mm.shapes_configs import write_config_pair
+        from refconv_mm.shapes_data import make_detection_set
+        next_stage('generating the shapes detection set (COCO format)')
+        data = make_detection_set(osp.join(work, 'data'), num_train=64, num_val=24, size=128,
+                                  seed=args.seed)
+        print(f"    {data['data_root']}: 64 train / 24 val images, 3 classes")
+        paths = write_config_pair(osp.join(work, 'configs'), data['data_root'], 'det',
+                                  iters=args.iters, refocus_iters=args.refocus_iters, size=128,
+                                  batch=4, lr=0.02, log_interval=20)
+        baseline_cfg, refconv_cfg = paths['baseline'], paths['refconv']
+        print(f'    ORIGINAL config : {baseline_cfg}\n    RefConv config  : {refconv_cfg}')
+        next_stage(f'training the baseline with the ORIGINAL config ({args.iters} iterations)')
+        times['baseline'] = run(['tools/train.py', baseline_cfg, '--work-dir',
+                                 osp.join(work, 'baseline'), *opts],
+                                osp.join(work, 'baseline.log'))
+        base_ckpt = last_checkpoint(osp.join(work, 'baseline'))
+
+    next_stage(f'refocus training with RefConv from {osp.basename(base_ckpt)}')
+    times['refocus'] = run(['tools/train.py', refconv_cfg, '--work-dir',
+                            osp.join(work, 'refocus'), *opts, f'load_from={base_ckpt}'],
+                           osp.join(work, 'refocus.log'))
+    ref_ckpt = last_checkpoint(osp.join(work, 'refocus'))
+
+    next_stage('merging RefConv into plain convs (tools/merge_refconv.py --verify)')
+    merged = osp.join(work, 'merged.pth')
+    run(['tools/merge_refconv.py', refconv_cfg, ref_ckpt, merged, '--verify', '--force',
+         '--out-config', osp.join(work, 'merged_config.py')], osp.join(work, 'merge.log'))
+
+    next_stage('evaluating baseline, refocused and merged models')
+    metrics = {}
+    for name, cfg, ckpt in (('baseline', baseline_cfg, base_ckpt),
+                            ('refocused', refconv_cfg, ref_ckpt),
+                            ('merged', baseline_cfg, merged)):
+        d = osp.join(work, f'test_{name}')
+        extra = ['--cfg-options', *args.cfg_options] if args.cfg_options else []
+        run(['tools/test.py', cfg, ckpt, '--work-dir', d, *extra],
+            osp.join(work, f'test_{name}.log'))
+        metrics[name] = test_metrics(d)
+    key = next((k for k in ('coco/bbox_mAP', 'mIoU', 'accuracy/top1') if k in metrics['merged']),
+               sorted(metrics['merged'])[0])
+
+    next_stage('measuring parameters and inference time; writing the report')
+    plain_p, ref_p = param_counts(baseline_cfg), param_counts(refconv_cfg)
+    infer = dict(plain=time_inference(baseline_cfg, base_ckpt, merge=False),
+                 refocused=time_inference(refconv_cfg, ref_ckpt, merge=False),
+                 merged=time_inference(baseline_cfg, merged, merge=False))
+    rows = [
+        ('metric ' + key, *(f"{metrics[n].get(key, float('nan')):.4f}"
+                            for n in ('baseline', 'refocused', 'merged'))),
+        ('training wall time (s)', f"{times.get('baseline', float('nan')):.0f}",
+         f"{times['refocus']:.0f} (refocus)", '-'),
+        ('parameters (total)', f"{plain_p['total']:,}", f"{ref_p['total']:,}",
+         f"{plain_p['total']:,}"),
+        ('  of which trainable', f"{plain_p['trainable']:,}", f"{ref_p['trainable']:,}", '-'),
+        ('  RefConv basis (frozen) / refocus', '-', f"{ref_p['basis']:,} / {ref_p['refocus']:,}",
+         '-'),
+        ('inference, 1x128x128 (ms, median)', f"{infer['plain']:.1f}",
+         f"{infer['refocused']:.1f} (unmerged)", f"{infer['merged']:.1f}"),
+    ]
+    table = ['| | baseline (ORIGINAL config) | refocused (RefConv) | merged (ORIGINAL config) |',
+             '| --- | --- | --- | --- |'] + ['| ' + ' | '.join(r) + ' |' for r in rows]
+    curves = {'baseline': train_curve(osp.join(work, 'baseline'))} if not args.config else {}
+    curves['refocus (RefConv)'] = train_curve(osp.join(work, 'refocus'))
+    plot = osp.join(work, 'training_curves.png')
+    plot_curves(plot, curves, metrics, key)
+    with open(osp.join(work, 'summary.md'), 'w') as f:
+        f.write('\n'.join(table) + '\n')
+    with open(osp.join(work, 'summary.json'), 'w') as f:
+        json.dump(dict(metrics=metrics, times=times, params=dict(plain=plain_p, refconv=ref_p),
+                       inference_ms=infer, checkpoints=dict(baseline=base_ckpt, refocused=ref_ckpt,
+                                                            merged=merged)), f, indent=2)
+    print('\n' + '\n'.join(table))
+    print(f'\nDone in {time.perf_counter() - t0:.0f} s. Outputs in {work}:')
+    print(f'  summary.md / summary.json   the table above\n  training_curves.png         '
+          f'loss curves and {key}\n  merged.pth, merged_config.py the deployable plain model\n'
+          f'  *.log                        full logs of every stage')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -55,6 +55,11 @@ METRICS = {
 # (the original RetinaNet config freezes a random stem + layer1 and keeps random BN stats).
 DET_SCRATCH = "model['backbone'].update(frozen_stages=-1, norm_eval=False)\n"
 
+# Neck and head width of the CPU budget (the original is 256): the head's 256-channel convs
+# cost most of a RetinaNet-R18 iteration at 128x128.
+DET_WIDTH = ("model.setdefault('neck', dict()).update(out_channels={w})\n"
+             "model['bbox_head'].update(in_channels={w}, feat_channels={w})\n")
+
 _T0 = time.time()
 
 
@@ -89,22 +94,31 @@ def _run(cmd: List[str], log_file: str) -> float:
     return time.time() - t
 
 
-def _read_test_json(test_dir: str) -> Dict[str, float]:
-    """The metrics of the newest mmengine test log JSON under ``test_dir``."""
-    files = sorted(glob.glob(osp.join(test_dir, '*', '*.json')), key=osp.getmtime)
-    if not files:
-        raise FileNotFoundError(f'no mmengine test log JSON under {test_dir}')
-    with open(files[-1]) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    return {k: v for k, v in lines[-1].items() if isinstance(v, (int, float))}
+def read_log_metrics(work_dir: str, key: str) -> Dict[str, float]:
+    """The last logged record holding ``key`` in mmengine's JSON logs under ``work_dir``.
+
+    tools/test.py: ``<work_dir>/<timestamp>/<timestamp>.json``; the validation at the end of
+    tools/train.py: ``<work_dir>/<timestamp>/vis_data/<timestamp>.json``.
+    """
+    files = sorted(glob.glob(osp.join(work_dir, '*', '*.json')) +
+                   glob.glob(osp.join(work_dir, '*', 'vis_data', '[0-9]*.json')), key=osp.getmtime)
+    for path in reversed(files):
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        for rec in reversed(records):
+            if key in rec:
+                return {k: v for k, v in rec.items() if isinstance(v, (int, float))}
+    raise FileNotFoundError(f'no mmengine log JSON with {key!r} under {work_dir}')
 
 
 def train_and_test(py: str, config: str, run_dir: str, iters: int, cfg_options: List[str],
-                   reuse: bool = False) -> Dict[str, object]:
-    """Train ``config`` for ``iters`` with tools/train.py, evaluate with tools/test.py.
+                   key: str, eval_mode: str = 'val', reuse: bool = False) -> Dict[str, object]:
+    """Train ``config`` for ``iters`` with tools/train.py and evaluate the final model.
 
-    Returns ``{'metrics', 'checkpoint', 'train_s', 'test_s'}``; with ``reuse`` a
-    finished run's saved result is returned instead of training again.
+    ``eval_mode='val'``: the validation tools/train.py runs after the last iteration (the
+    same dataloader and evaluator as the test config, one process less); ``'test'``:
+    tools/test.py on the saved checkpoint. Returns ``{'metrics', 'checkpoint', 'train_s',
+    'test_s'}``; with ``reuse`` a finished run's saved result is returned instead.
     """
     done = osp.join(run_dir, 'result.json')
     if reuse and osp.exists(done):
@@ -112,23 +126,30 @@ def train_and_test(py: str, config: str, run_dir: str, iters: int, cfg_options: 
             return json.load(f)
     os.makedirs(run_dir, exist_ok=True)
     train_dir, test_dir = osp.join(run_dir, 'train'), osp.join(run_dir, 'test')
-    # Validation during training would only repeat the test below; val_begin past the end skips it.
-    opts = [f'train_cfg.max_iters={iters}', f'train_cfg.val_begin={iters + 1}'] + cfg_options
+    # 'val': validate once, after the last iteration; 'test': val_begin past the end skips it.
+    val_begin = iters if eval_mode == 'val' else iters + 1
+    opts = [f'train_cfg.max_iters={iters}', f'train_cfg.val_interval={iters}',
+            f'train_cfg.val_begin={val_begin}'] + cfg_options
     train_s = _run([py, 'tools/train.py', config, '--work-dir', train_dir, '--cfg-options'] + opts,
                    osp.join(run_dir, 'train.log'))
     ckpt = osp.join(train_dir, f'iter_{iters}.pth')
     if not osp.exists(ckpt):
         raise FileNotFoundError(f'training did not write {ckpt}')
-    test_s = _run([py, 'tools/test.py', config, ckpt, '--work-dir', test_dir],
-                  osp.join(run_dir, 'test.log'))
-    out = dict(metrics=_read_test_json(test_dir), checkpoint=ckpt, train_s=train_s, test_s=test_s)
+    if eval_mode == 'val':
+        metrics, test_s = read_log_metrics(train_dir, key), 0.0
+    else:
+        test_s = _run([py, 'tools/test.py', config, ckpt, '--work-dir', test_dir],
+                      osp.join(run_dir, 'test.log'))
+        metrics = read_log_metrics(test_dir, key)
+    out = dict(metrics=metrics, checkpoint=ckpt, train_s=train_s, test_s=test_s,
+               eval=eval_mode)
     with open(done, 'w') as f:
         json.dump(out, f, indent=1)
     return out
 
 
-def check_merged(py: str, refconv_cfg: str, baseline_cfg: str, ckpt: str,
-                 run_dir: str) -> Dict[str, float]:
+def check_merged(py: str, refconv_cfg: str, baseline_cfg: str, ckpt: str, run_dir: str,
+                 key: str) -> Dict[str, float]:
     """Merge a refocused checkpoint with tools/merge_refconv.py and test it with the ORIGINAL config."""
     merged = osp.join(run_dir, 'merged.pth')
     _run([py, 'tools/merge_refconv.py', refconv_cfg, ckpt, merged, '--force'],
@@ -136,7 +157,7 @@ def check_merged(py: str, refconv_cfg: str, baseline_cfg: str, ckpt: str,
     test_dir = osp.join(run_dir, 'test_merged')
     _run([py, 'tools/test.py', baseline_cfg, merged, '--work-dir', test_dir],
          osp.join(run_dir, 'test_merged.log'))
-    return _read_test_json(test_dir)
+    return read_log_metrics(test_dir, key)
 
 
 def run_mm_task(task: str, args: argparse.Namespace, seeds: Sequence[int]) -> Dict[str, object]:
@@ -150,6 +171,9 @@ def run_mm_task(task: str, args: argparse.Namespace, seeds: Sequence[int]) -> Di
     make(data_root, num_train=b['num_train'], num_val=b['num_val'], size=b['size'], seed=0)
     base_ckpt = osp.abspath(osp.join(root, 'baseline', 'train', f"iter_{b['base_iters']}.pth"))
     scratch = DET_SCRATCH if task == 'det' and args.det_scratch else ''
+    if task == 'det' and args.det_width != 256:
+        scratch += DET_WIDTH.format(w=args.det_width)
+    key = METRICS[task][0][0]
     common = dict(data_root=data_root, task=task, size=b['size'], batch=b['batch'])
     base_cfg = write_config_pair(
         osp.join(root, 'configs', 'baseline'), iters=b['base_iters'], lr=b['lr'],
@@ -165,7 +189,7 @@ def run_mm_task(task: str, args: argparse.Namespace, seeds: Sequence[int]) -> Di
     py = args.python
     log(f"{task}: baseline, {b['base_iters']} iters (seed 0) ...")
     base = train_and_test(py, base_cfg, osp.join(root, 'baseline'), b['base_iters'],
-                          ['randomness.seed=0'], args.reuse)
+                          ['randomness.seed=0'], key, args.eval, args.reuse)
     assert osp.abspath(base['checkpoint']) == base_ckpt, (base['checkpoint'], base_ckpt)
     log(f"{task}: baseline train {base['train_s']:.0f}s test {base['test_s']:.0f}s  "
         + _fmt_metrics(task, base['metrics']))
@@ -175,14 +199,15 @@ def run_mm_task(task: str, args: argparse.Namespace, seeds: Sequence[int]) -> Di
             cfg = extra_cfg if arm == 'continue' else configs[arm]['refconv']
             opts = [f'randomness.seed={seed}', f'load_from={base_ckpt}']
             run_dir = osp.join(root, arm, f'seed{seed}')
-            r = train_and_test(py, cfg, run_dir, b['extra_iters'], opts, args.reuse)
+            r = train_and_test(py, cfg, run_dir, b['extra_iters'], opts, key, args.eval,
+                               args.reuse)
             a = arms.setdefault(arm, dict(seeds=[], runs=[]))
             a['seeds'].append(seed)
             a['runs'].append(r)
             log(f"{task}: {arm:<12} seed {seed}: train {r['train_s']:.0f}s test {r['test_s']:.0f}s"
                 f"  {_fmt_metrics(task, r['metrics'])}")
             if args.verify_merge and arm != 'continue' and seed == seeds[0]:
-                m = check_merged(py, cfg, extra_cfg, r['checkpoint'], run_dir)
+                m = check_merged(py, cfg, extra_cfg, r['checkpoint'], run_dir, key)
                 a['merged_check'] = dict(seed=seed, metrics=m)
                 log(f'{task}: {arm:<12} seed {seed}: MERGED checkpoint, original config: '
                     + _fmt_metrics(task, m))
@@ -414,17 +439,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--schedule', choices=['cosine', 'constant'], default='cosine',
                    help='lr schedule of every phase (baseline and extra alike): linear warmup '
                    '+ cosine to 0 (det/seg), cosine to 0 (digits); or a constant lr')
+    p.add_argument('--eval', choices=['val', 'test'], default='val',
+                   help="det/seg metric: 'val' = the validation after the last training "
+                   "iteration (same data/evaluator as test); 'test' = tools/test.py on the "
+                   'saved checkpoint (one more process per run)')
     p.add_argument('--threads', type=int, default=1,
                    help='torch threads for digits (1: the tiny net gains nothing from more)')
-    for task, d in (('det', dict(num_train=160, num_val=48, size=128, batch=4, base_iters=400,
-                                 extra_iters=100, lr=0.01)),
-                    ('seg', dict(num_train=160, num_val=48, size=128, batch=4, base_iters=300,
-                                 extra_iters=100, lr=0.01))):
+    for task, d in (('det', dict(num_train=120, num_val=32, size=128, batch=4, base_iters=150,
+                                 extra_iters=25, lr=0.02)),
+                    ('seg', dict(num_train=120, num_val=32, size=64, batch=4, base_iters=150,
+                                 extra_iters=25, lr=0.01))):
         g = p.add_argument_group(task)
         for k, v in d.items():
             g.add_argument(f'--{task}-{k.replace("_", "-")}', type=type(v), default=v)
         g.add_argument(f'--{task}-extra-lr', type=float, default=None,
                        help='lr of the extra phase (all arms); default: the baseline lr')
+    p.add_argument('--det-width', type=int, default=64,
+                   help='FPN / RetinaNet head channels (the original config: 256)')
     p.add_argument('--no-det-scratch', dest='det_scratch', action='store_false',
                    help='keep RetinaNet\'s frozen stem/layer1 and frozen BN stats (meant for '
                    'ImageNet weights, which this offline benchmark does not have)')
