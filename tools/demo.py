@@ -30,8 +30,8 @@ def parse_args(argv=None):
     p.add_argument('--baseline-config', help='with --config: the ORIGINAL config, to evaluate '
                    'the baseline and the merged model with it (default: derived by removing '
                    'the RefConv override)')
-    p.add_argument('--iters', type=int, default=400, help='baseline training iterations')
-    p.add_argument('--refocus-iters', type=int, default=200, help='refocus training iterations')
+    p.add_argument('--iters', type=int, default=80, help='baseline training iterations')
+    p.add_argument('--refocus-iters', type=int, default=40, help='refocus training iterations')
     p.add_argument('--seed', type=int, default=0, help='data and training seed')
     p.add_argument('--force', action='store_true', help='reuse/overwrite an existing work dir')
     p.add_argument('--cfg-options', nargs='+', default=[],
@@ -200,7 +200,8 @@ def main(argv=None) -> int:
         print(f"    {data['data_root']}: 64 train / 24 val images, 3 classes")
         paths = write_config_pair(osp.join(work, 'configs'), data['data_root'], 'det',
                                   iters=args.iters, refocus_iters=args.refocus_iters, size=128,
-                                  batch=4, lr=0.02, log_interval=20)
+                                  batch=4, lr=0.02,
+                                  log_interval=max(1, min(args.iters, args.refocus_iters) // 10))
         baseline_cfg, refconv_cfg = paths['baseline'], paths['refconv']
         print(f'    ORIGINAL config : {baseline_cfg}\n    RefConv config  : {refconv_cfg}')
         next_stage(f'training the baseline with the ORIGINAL config ({args.iters} iterations)')
