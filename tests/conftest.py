@@ -13,7 +13,8 @@ os.environ.setdefault('OMP_NUM_THREADS', '2')
 
 def run_tool(*args, check=True, timeout=900, env=None):
     """Run a script of tools/ in a fresh interpreter; return the CompletedProcess."""
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+    cmd = list(args) if osp.isabs(args[0]) else [sys.executable, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f'{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n'

@@ -150,3 +150,17 @@ def test_two_process_refocus_training(workflow, tmp_path):
                                    r1['state_dict'][p + 'refocus_weight'], atol=0, rtol=0)
         moved = bool(r0['state_dict'][p + 'refocus_weight'].abs().sum() > 0)
         assert moved != p.startswith(frozen_by_model(w['task'])), p
+
+
+@pytest.mark.parametrize('task', ['det', 'seg'])
+def test_mim_train_with_plugin_config(task, det_data, seg_data, tmp_path):
+    """`mim train mmdet|mmseg CONFIG` runs mmdet's/mmseg's own train.py on a RefConv config."""
+    data = det_data if task == 'det' else seg_data
+    paths = write_config_pair(str(tmp_path), data['data_root'], task, iters=1, refocus_iters=1,
+                              size=64, batch=2)
+    mim = osp.join(osp.dirname(sys.executable), 'mim')
+    out = run_tool(mim, 'train', 'mmdet' if task == 'det' else 'mmseg', paths['refconv'],
+                   '--gpus', '0', '--work-dir', str(tmp_path / 'w'))
+    assert 'RefConvHook: ' in out.stdout + out.stderr and 'RefConv layers' in out.stdout + out.stderr
+    sd = load_sd(str(tmp_path / 'w' / 'iter_1.pth'))
+    assert refconv_prefixes(sd)
