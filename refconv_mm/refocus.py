@@ -63,9 +63,17 @@ def refocus_kernel(basis: torch.Tensor, refocus_weight: torch.Tensor) -> torch.T
         raise ValueError(f'RefConv: refocus weight of shape {tuple(refocus_weight.shape)} does not '
                          f'fit a basis of shape {tuple(basis.shape)} (expected {cout * cin_g} '
                          '2-D kernels in dim 0).')
+    refocus_weight = refocus_weight.to(basis.dtype)
+    if mh == mw == 1:
+        # A 1x1 map is a g x g matrix per group: far cheaper as a (batched) product than a
+        # conv with N groups over a tiny image.
+        if g == 1:
+            return basis + basis * refocus_weight.view(cout, cin_g, 1, 1)
+        mixed = torch.bmm(refocus_weight.view(n // g, g, g), basis.reshape(n // g, g, kh * kw))
+        return basis + mixed.view_as(basis)
     flat = basis.reshape(1, n, kh, kw)
     # T: a conv over the kernels viewed as one image, groups = Cin*Cout/g^2.
-    mapped = F.conv2d(flat, refocus_weight.to(basis.dtype), None, 1, (mh // 2, mw // 2), 1, n // g)
+    mapped = F.conv2d(flat, refocus_weight, None, 1, (mh // 2, mw // 2), 1, n // g)
     return basis + mapped.view_as(basis)
 
 

@@ -51,13 +51,16 @@ CASES = [
     (4, 6, (1, 7), 1, (0, 3), 1, 1, False),  # non-square
     (4, 6, (3, 5), 1, (1, 2), 1, 2, True),   # non-square grouped
     (4, 4, 2, 1, 0, 1, 1, False),     # even kernel: map capped to 1
+    (8, 12, 1, 1, 0, 1, 4, True),     # grouped 1x1 (1x1 map: a g x g product per group)
+    (6, 6, 1, 1, 0, 1, 6, False),     # depthwise 1x1
 ]
 
 
 @pytest.mark.parametrize('cin,cout,k,s,p,d,g,bias', CASES)
-def test_refconv_matches_reference(cin, cout, k, s, p, d, g, bias):
+@pytest.mark.parametrize('map_k', [3, 1])
+def test_refconv_matches_reference(cin, cout, k, s, p, d, g, bias, map_k):
     torch.manual_seed(0)
-    layer = RefConv2d(cin, cout, k, s, p, d, g, bias, init='official')
+    layer = RefConv2d(cin, cout, k, s, p, d, g, bias, map_k=map_k, init='official')
     with torch.no_grad():
         layer.weight.normal_()
         if bias:
