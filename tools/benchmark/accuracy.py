@@ -154,7 +154,7 @@ def train_and_test(py: str, config: str, run_dir: str, iters: int, cfg_options: 
 
 def check_merged(py: str, refconv_cfg: str, baseline_cfg: str, ckpt: str, run_dir: str,
                  key: str) -> Dict[str, float]:
-    """Merge a refocused checkpoint with tools/merge_refconv.py and test it with the ORIGINAL config."""
+    """Merge a refocused checkpoint (tools/merge_refconv.py), test it with the ORIGINAL config."""
     merged = osp.join(run_dir, 'merged.pth')
     _run([py, 'tools/merge_refconv.py', refconv_cfg, ckpt, merged, '--force'],
          osp.join(run_dir, 'merge.log'))
@@ -395,7 +395,8 @@ def plot(results: Dict[str, Dict[str, object]], path: str) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     panels = [(t, k, n) for t in results for k, n in METRICS[t]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.0, 3.6 * len(panels)), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.0, 3.6 * len(panels)), 3.8),
+                             squeeze=False)
     colors = {'continue': '#7f7f7f', 'refconv': '#1f77b4', 'refconv_zero': '#2ca02c'}
     for ax, (task, key, name) in zip(axes[0], panels):
         res = results[task]
@@ -408,7 +409,7 @@ def plot(results: Dict[str, Dict[str, object]], path: str) -> None:
             vals = res['arms'][a]['metrics'][key]['values']
             ax.plot([i] * len(vals), vals, 'k.', ms=4)
         base = res['baseline'][key]
-        ax.axhline(base, ls='--', color='k', lw=1, label='baseline (before extra)')
+        ax.axhline(base, ls='--', color='k', lw=1)
         lo = min([base] + [m - s for m, s in zip(means, stds)] +
                  [v for a in arms for v in res['arms'][a]['metrics'][key]['values']])
         hi = max([base] + [m + s for m, s in zip(means, stds)] +
@@ -418,8 +419,8 @@ def plot(results: Dict[str, Dict[str, object]], path: str) -> None:
         ax.set_xticks(range(len(arms)))
         ax.set_xticklabels(arms, rotation=15)
         ax.set_title(f'{task}: {name}')
-        ax.legend(fontsize=7, loc='lower right')
-    fig.suptitle('Same checkpoint, same extra budget (mean ± std over seeds)', fontsize=9)
+    fig.suptitle('Same checkpoint, same extra budget: mean ± std over seeds (dots: seeds, '
+                 'dashed: baseline before the extra training)', fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
