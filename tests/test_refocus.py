@@ -105,15 +105,17 @@ def test_map_size_rule(k, map_k, want):
     assert refocus_map_size(k, map_k) == want
 
 
-def test_custom_backward_matches_autograd():
+@pytest.mark.parametrize('basis_trainable', [True, False])
+def test_custom_backward_matches_autograd(basis_trainable):
+    # A frozen basis with g > 1 takes the kept-kernel path, a trainable one recomputes.
     torch.manual_seed(0)
     for g, cin, cout in ((1, 4, 6), (2, 4, 6), (6, 6, 6)):
         layer = RefConv2d(cin, cout, 3, 2, 1, 1, g, True, init='official').double()
-        layer.weight.requires_grad_(True)
+        layer.weight.requires_grad_(basis_trainable)
         layer.bias.requires_grad_(True)
         x = torch.randn(2, cin, 9, 9, dtype=torch.double, requires_grad=True)
         assert torch.autograd.gradcheck(layer, (x,))
-        params = [x, layer.weight, layer.refocus_weight, layer.bias]
+        params = [x, layer.refocus_weight, layer.bias] + [layer.weight] * basis_trainable
         fast = torch.autograd.grad(layer(x).square().sum(), params)
         slow = torch.autograd.grad(F.conv2d(x, layer.refocused_kernel(), layer.bias, 2, 1, 1,
                                             g).square().sum(), params)
@@ -124,3 +126,16 @@ def test_custom_backward_matches_autograd():
 def test_refocus_kernel_rejects_mismatch():
     with pytest.raises(ValueError, match='does not fit'):
         refocus_kernel(torch.zeros(4, 2, 3, 3), torch.zeros(7, 1, 3, 3))
+
+
+@pytest.mark.parametrize('groups,calls', [(1, 2), (4, 1)])
+def test_kernel_recomputed_only_where_it_is_large(monkeypatch, groups, calls):
+    # g=1: recomputed in backward (memory); g>1: kept from forward (saves a pass over T).
+    import refconv_mm.refocus as refocus
+    count = []
+    real = refocus.refocus_kernel
+    monkeypatch.setattr(refocus, 'refocus_kernel', lambda *a: count.append(1) or real(*a))
+    layer = RefConv2d(8, 8, 3, padding=1, groups=groups, init='official')
+    layer(torch.randn(1, 8, 6, 6)).sum().backward()
+    assert len(count) == calls
+    assert layer.refocus_weight.grad is not None and layer.weight.grad is None
