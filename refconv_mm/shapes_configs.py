@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 from .shapes_data import CLASSES, seg_classes
 
-__all__ = ['DET_BASE', 'SEG_BASE', 'write_config_pair', 'REFCONV_OVERRIDES']
+__all__ = ['DET_BASE', 'SEG_BASE', 'REFCONV_OVERRIDES', 'det_cpu_text', 'write_config_pair']
 
 DET_BASE = 'mmdet::retinanet/retinanet_r18_fpn_1x_coco.py'
 SEG_BASE = 'mmseg::fcn/fcn_r18-d8_4xb2-80k_cityscapes-512x1024.py'
@@ -25,6 +25,23 @@ REFCONV_OVERRIDES = {
     'seg': "dict(backbone=dict(conv_cfg=refconv), decode_head=dict(conv_cfg=refconv), "
            "auxiliary_head=dict(conv_cfg=refconv))",
 }
+
+
+def det_cpu_text(width: int = 256, scratch: bool = True) -> str:
+    """Config text that sizes RetinaNet for training from scratch on a CPU.
+
+    Args:
+        width: FPN and head channels (the original is 256): the head's convs cost most of a
+            RetinaNet-R18 iteration at 128x128.
+        scratch: Train the whole backbone with batch statistics. There are no ImageNet
+            weights offline, and the original config freezes the (random) stem and layer1
+            and keeps BN in eval mode with its initial statistics, which makes it diverge.
+    """
+    text = "model['backbone'].update(frozen_stages=-1, norm_eval=False)\n" if scratch else ''
+    if width != 256:
+        text += (f"model.setdefault('neck', dict()).update(out_channels={width})\n"
+                 f"model['bbox_head'].update(in_channels={width}, feat_channels={width})\n")
+    return text
 
 
 def _det_body(data_root: str, size: int, batch: int) -> str:
@@ -102,7 +119,7 @@ data_preprocessor = dict(size=crop_size)
 '''
 
 
-def _schedule(iters: int, lr: float, val_interval: Optional[int], ckpt_interval: int,
+def _schedule(iters: int, optimizer: dict, val_interval: Optional[int], ckpt_interval: int,
               log_interval: int) -> str:
     val_interval = val_interval or iters
     return f'''
@@ -111,7 +128,7 @@ train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters={iters},
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 optim_wrapper = dict(_delete_=True, type='OptimWrapper',
-                     optimizer=dict(type='SGD', lr={lr}, momentum=0.9, weight_decay=1e-4),
+                     optimizer={optimizer!r},
                      clip_grad=dict(max_norm=10.0, norm_type=2))
 param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0,
                         end={max(1, min(50, iters // 5))})]
@@ -130,7 +147,8 @@ auto_scale_lr = dict(enable=False)
 def write_config_pair(work_dir: str, data_root: str, task: str = 'det',
                       base: Optional[str] = None, iters: int = 40, refocus_iters: int = 40,
                       size: int = 128, batch: int = 4, lr: float = 0.01,
-                      refocus_lr: Optional[float] = None, val_interval: Optional[int] = None,
+                      optimizer: Optional[dict] = None, refocus_lr: Optional[float] = None,
+                      val_interval: Optional[int] = None,
                       ckpt_interval: Optional[int] = None, log_interval: int = 10,
                       override: Optional[str] = None, load_from: Optional[str] = None,
                       hook: Optional[dict] = None, refconv: Optional[dict] = None,
@@ -140,6 +158,8 @@ def write_config_pair(work_dir: str, data_root: str, task: str = 'det',
     Args:
         task: ``'det'`` (COCO-format set, :data:`DET_BASE`) or ``'seg'`` (:data:`SEG_BASE`).
         base: The installed config to adapt (``'mmdet::...'``/``'mmseg::...'``).
+        lr, optimizer: The optimizer config without ``lr`` (default SGD, momentum 0.9,
+            weight decay 1e-4) and its lr; ``refocus_lr`` overrides the lr in ``refconv.py``.
         override: The RefConv ``model = ...`` override (a dict literal using ``refconv``).
         load_from: The trained checkpoint the RefConv config starts from.
         extra, refconv_extra: Config text appended to ``baseline.py`` / ``refconv.py``.
@@ -150,6 +170,7 @@ def write_config_pair(work_dir: str, data_root: str, task: str = 'det',
     os.makedirs(work_dir, exist_ok=True)
     base = base or (DET_BASE if task == 'det' else SEG_BASE)
     ckpt_interval = ckpt_interval or iters
+    optimizer = dict(optimizer or dict(type='SGD', momentum=0.9, weight_decay=1e-4), lr=lr)
     if task == 'det':
         # score_thr=0: even a barely trained detector returns boxes, so mAP is always defined.
         model = (f"model = dict(backbone=dict(init_cfg=None), "
@@ -171,7 +192,7 @@ def write_config_pair(work_dir: str, data_root: str, task: str = 'det',
         raise ValueError(f"task={task!r} must be 'det' or 'seg'")
     baseline = (f'# ORIGINAL config: {base} on the generated shapes data.\n'
                 f'_base_ = {base!r}\n' + body +
-                _schedule(iters, lr, val_interval, ckpt_interval, log_interval) + extra)
+                _schedule(iters, optimizer, val_interval, ckpt_interval, log_interval) + extra)
     paths = dict(baseline=osp.join(work_dir, 'baseline.py'),
                  refconv=osp.join(work_dir, 'refconv.py'))
     with open(paths['baseline'], 'w') as f:

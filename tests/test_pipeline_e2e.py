@@ -2,8 +2,6 @@
 
 Real Runners in subprocesses, real checkpoints on disk, real torchrun processes.
 """
-import glob
-import json
 import os
 import os.path as osp
 import shutil
@@ -13,20 +11,12 @@ import pytest
 import torch
 
 from refconv_mm.merge import refconv_prefixes
+from refconv_mm.runlogs import logged_metrics
 from refconv_mm.shapes_configs import write_config_pair
 
 from .conftest import ROOT, run_tool
 
 TESTS = osp.dirname(osp.abspath(__file__))
-
-
-def test_metrics(work_dir):
-    """The metrics mmengine's LoggerHook dumped for the latest test run in ``work_dir``."""
-    logs = sorted(glob.glob(osp.join(work_dir, '*', '*.json')))
-    assert logs, f'no test log under {work_dir}'
-    with open(logs[-1]) as f:
-        return json.loads(f.read().strip().splitlines()[-1])
-test_metrics.__test__ = False
 
 
 def frozen_by_model(task):
@@ -83,8 +73,8 @@ def test_merge_then_original_config_reproduces_metrics(workflow):
              osp.join(w['work'], 'test_merged'))
     run_tool('tools/test.py', w['paths']['refconv'], w['ref'], '--work-dir',
              osp.join(w['work'], 'test_ref'))
-    m_merged = test_metrics(osp.join(w['work'], 'test_merged'))
-    m_ref = test_metrics(osp.join(w['work'], 'test_ref'))
+    m_merged = logged_metrics(osp.join(w['work'], 'test_merged'))
+    m_ref = logged_metrics(osp.join(w['work'], 'test_ref'))
     key = 'coco/bbox_mAP' if w['task'] == 'det' else 'mIoU'
     assert key in m_merged and key in m_ref
     for k, v in m_ref.items():

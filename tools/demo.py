@@ -4,8 +4,9 @@
     python tools/demo.py --config MY_REFCONV_CFG.py --checkpoint MY_TRAINED.pth
 
 Default: deterministically generates a small COCO-format shapes set, trains an
-mmdet RetinaNet-R18-FPN with the ORIGINAL installed config (data adapted),
-refocus-trains it with the one-line RefConv override and RefConvHook, merges
+mmdet RetinaNet-R18-FPN with the ORIGINAL installed config (adapted to the data and
+to a CPU budget: from-scratch backbone with batch-stat BN, 64-channel FPN/head,
+AdamW; see refconv_mm.shapes_configs.det_cpu_text), refocus-trains it with the one-line RefConv override and RefConvHook, merges
 with tools/merge_refconv.py, evaluates baseline / refocused / merged, prints a
 table and writes training-curve plots. With --config/--checkpoint the baseline
 stage is skipped and your RefConv config is refocus-trained from your checkpoint.
@@ -14,11 +15,18 @@ import argparse
 import json
 import os
 import os.path as osp
+import re
 import subprocess
 import sys
 import time
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if ROOT not in sys.path:  # run from a checkout without the editable install
+    sys.path.insert(0, ROOT)
+from refconv_mm.runlogs import last_checkpoint, logged_metrics, train_curve  # noqa: E402
+
+# Error lines are shown besides progress (but not build flags naming -Werror).
+PROBLEM = re.compile(r'^\s*(\w+(Error|Exception)\b|.*\bERROR\b)')
 
 
 def parse_args(argv=None):
@@ -30,8 +38,11 @@ def parse_args(argv=None):
     p.add_argument('--baseline-config', help='with --config: the ORIGINAL config, to evaluate '
                    'the baseline and the merged model with it (default: derived by removing '
                    'the RefConv override)')
-    p.add_argument('--iters', type=int, default=80, help='baseline training iterations')
-    p.add_argument('--refocus-iters', type=int, default=40, help='refocus training iterations')
+    p.add_argument('--iters', type=int, default=300, help='baseline training iterations')
+    p.add_argument('--refocus-iters', type=int, default=150, help='refocus training iterations')
+    p.add_argument('--lr', type=float, default=1e-3, help='baseline AdamW learning rate')
+    p.add_argument('--refocus-lr', type=float, default=None,
+                   help='refocus AdamW learning rate (default: --lr)')
     p.add_argument('--seed', type=int, default=0, help='data and training seed')
     p.add_argument('--force', action='store_true', help='reuse/overwrite an existing work dir')
     p.add_argument('--cfg-options', nargs='+', default=[],
@@ -51,46 +62,13 @@ def run(args, log_path: str) -> float:
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:
             log.write(line)
-            if any(k in line for k in ('Iter(train)', 'Iter(val)', 'Iter(test)', 'RefConvHook',
-                                       'bbox_mAP', 'mIoU', 'verify:', 'merged ', 'Error',
-                                       'error', 'Traceback')):
-                print('    ' + line.rstrip()[-160:], flush=True)
+            if (any(k in line for k in ('Iter(train)', 'Iter(val)', 'Iter(test)', 'RefConvHook:',
+                                        'verify:', 'merged ', 'Traceback'))
+                    or PROBLEM.match(line)):
+                print('    ' + line.rstrip().split(' - INFO - ', 1)[-1][:160], flush=True)
         if proc.wait() != 0:
             raise SystemExit(f'{args[0]} failed (exit {proc.returncode}); full log: {log_path}')
     return time.perf_counter() - t0
-
-
-def last_checkpoint(work_dir: str) -> str:
-    """The checkpoint mmengine recorded as the latest in ``work_dir``."""
-    with open(osp.join(work_dir, 'last_checkpoint')) as f:
-        return f.read().strip()
-
-
-def test_metrics(work_dir: str) -> dict:
-    """Metrics of the latest test run in ``work_dir`` (mmengine's LoggerHook json)."""
-    runs = sorted(d for d in os.listdir(work_dir) if osp.isdir(osp.join(work_dir, d))
-                  and d[:8].isdigit())
-    path = osp.join(work_dir, runs[-1], runs[-1] + '.json')
-    with open(path) as f:
-        return json.loads(f.read().strip().splitlines()[-1])
-
-
-def train_curve(work_dir: str):
-    """``(iters, losses)`` from mmengine's scalars.json of a training run."""
-    runs = sorted(d for d in os.listdir(work_dir) if osp.isdir(osp.join(work_dir, d))
-                  and d[:8].isdigit())
-    its, losses = [], []
-    for run_dir in runs:
-        path = osp.join(work_dir, run_dir, 'vis_data', 'scalars.json')
-        if not osp.isfile(path):
-            continue
-        with open(path) as f:
-            for line in f:
-                rec = json.loads(line)
-                if 'loss' in rec and 'iter' in rec:
-                    its.append(rec['iter'])
-                    losses.append(rec['loss'])
-    return its, losses
 
 
 def time_inference(cfg_path: str, ckpt: str, merge: bool, reps: int = 10) -> float:
@@ -191,8 +169,7 @@ def main(argv=None) -> int:
             baseline_cfg = osp.join(work, 'baseline_config.py')
             plain_config(Config.fromfile(refconv_cfg)).dump(baseline_cfg)
     else:
-        sys.path.insert(0, ROOT)
-        from refconv_mm.shapes_configs import write_config_pair
+        from refconv_mm.shapes_configs import det_cpu_text, write_config_pair
         from refconv_mm.shapes_data import make_detection_set
         next_stage('generating the shapes detection set (COCO format)')
         data = make_detection_set(osp.join(work, 'data'), num_train=64, num_val=24, size=128,
@@ -200,8 +177,10 @@ def main(argv=None) -> int:
         print(f"    {data['data_root']}: 64 train / 24 val images, 3 classes")
         paths = write_config_pair(osp.join(work, 'configs'), data['data_root'], 'det',
                                   iters=args.iters, refocus_iters=args.refocus_iters, size=128,
-                                  batch=4, lr=0.02,
-                                  log_interval=max(1, min(args.iters, args.refocus_iters) // 10))
+                                  batch=4, lr=args.lr, refocus_lr=args.refocus_lr,
+                                  optimizer=dict(type='AdamW', weight_decay=0.05),
+                                  log_interval=max(1, min(args.iters, args.refocus_iters) // 10),
+                                  extra=det_cpu_text(width=64))
         baseline_cfg, refconv_cfg = paths['baseline'], paths['refconv']
         print(f'    ORIGINAL config : {baseline_cfg}\n    RefConv config  : {refconv_cfg}')
         next_stage(f'training the baseline with the ORIGINAL config ({args.iters} iterations)')
@@ -230,7 +209,7 @@ def main(argv=None) -> int:
         extra = ['--cfg-options', *args.cfg_options] if args.cfg_options else []
         run(['tools/test.py', cfg, ckpt, '--work-dir', d, *extra],
             osp.join(work, f'test_{name}.log'))
-        metrics[name] = test_metrics(d)
+        metrics[name] = logged_metrics(d)
     key = next((k for k in ('coco/bbox_mAP', 'mIoU', 'accuracy/top1') if k in metrics['merged']),
                sorted(metrics['merged'])[0])
 
