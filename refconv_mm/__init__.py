@@ -15,6 +15,6 @@ from .version import __version__
 allow_mmengine_checkpoints()
 
 __all__ = [
-    'RefConv2d', 'RefConvHook', 'DeviceAgnosticDDP', 'refocus_kernel', 'refocused_conv2d', 'merge_refconv', 'merge_state_dict',
-    'allow_mmengine_checkpoints', '__version__'
+    'RefConv2d', 'RefConvHook', 'DeviceAgnosticDDP', 'refocus_kernel', 'refocused_conv2d',
+    'merge_refconv', 'merge_state_dict', 'allow_mmengine_checkpoints', '__version__'
 ]

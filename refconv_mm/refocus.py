@@ -85,74 +85,29 @@ def refocus_kernel(basis: torch.Tensor, refocus_weight: torch.Tensor) -> torch.T
     return basis + mixed.view_as(basis)
 
 
-class _RefocusedConv2d(torch.autograd.Function):
-    """``conv2d(x, refocus_kernel(basis, refocus_weight))``, recomputing the kernel in backward.
-
-    For g=1 the kernel is as large as the refocusing weights, so holding every
-    layer's kernel until backward (as autograd would) adds the model's size to
-    peak memory; it is recomputed there instead. For g>1 the kernel is g times
-    smaller than the refocusing weights, so it is kept with its graph and the
-    second pass over those weights is saved.
-    """
-
-    @staticmethod
-    def forward(ctx, x, basis, refocus_weight, bias, stride, padding, dilation, groups):
-        ctx.conv_args = (stride, padding, dilation, groups)
-        ctx.kept = None
-        if groups > 1 and ctx.needs_input_grad[2] and not ctx.needs_input_grad[1]:
-            with torch.enable_grad():
-                r = refocus_weight.detach().requires_grad_()
-                ctx.kept = (r, refocus_kernel(basis.detach(), r))
-            kernel = ctx.kept[1].detach()
-        else:
-            with torch.no_grad():
-                kernel = refocus_kernel(basis, refocus_weight)
-        ctx.save_for_backward(x, basis, refocus_weight, bias)
-        return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, basis, refocus_weight, bias = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv_args
-        need_x, need_basis, need_refocus, need_bias = ctx.needs_input_grad[:4]
-        need_kernel = need_basis or need_refocus
-        if ctx.kept is not None:
-            b, (r, kernel) = None, ctx.kept
-            ctx.kept = None
-        else:
-            with torch.enable_grad():
-                b = basis.detach().requires_grad_(need_basis)
-                r = refocus_weight.detach().requires_grad_(need_refocus)
-                kernel = refocus_kernel(b, r)
-        grad_x, grad_kernel, grad_bias = torch.ops.aten.convolution_backward(
-            grad_out, x, kernel.detach(), None if bias is None else [bias.shape[0]],
-            _pair(stride), _pair(padding), _pair(dilation), False, [0, 0], groups,
-            [need_x, need_kernel, need_bias])
-        grad_basis = grad_refocus = None
-        if need_kernel:
-            wrt = [t for t, need in ((b, need_basis), (r, need_refocus)) if need]
-            grads = list(torch.autograd.grad(kernel, wrt, grad_kernel))
-            grad_basis = grads.pop(0) if need_basis else None
-            grad_refocus = grads.pop(0) if need_refocus else None
-        return grad_x, grad_basis, grad_refocus, grad_bias, None, None, None, None
-
-
-def _pair(v) -> list:
-    return list(v) if isinstance(v, (tuple, list)) else [v, v]
-
-
 def refocused_conv2d(x: torch.Tensor, basis: torch.Tensor, refocus_weight: torch.Tensor,
                      bias: Optional[torch.Tensor], stride=1, padding=0, dilation=1,
                      groups: int = 1) -> torch.Tensor:
-    """``F.conv2d`` with the kernel ``refocus_kernel(basis, refocus_weight)``.
+    """``F.conv2d`` with the kernel ``refocus_kernel(basis, refocus_weight)``, under autograd.
 
-    Gradients flow to ``x``, ``refocus_weight``, ``bias`` and (if it requires
-    grad) ``basis``; the refocused kernel is recomputed in backward rather than
-    stored. Under autocast the plain autograd path is taken so that autocast
-    chooses the dtypes.
+    For g=1 the kernel is as large as the refocusing weights, so keeping every layer's
+    kernel until backward (the conv saves its weight) would add the model's size to peak
+    memory: the conv saves a note instead and the kernel is recomputed when backward needs
+    it. For g>1 the kernel is g times smaller than the refocusing weights and is kept.
     """
-    if torch.is_autocast_enabled(x.device.type):
-        return F.conv2d(x, refocus_kernel(basis, refocus_weight), bias, stride, padding,
-                        dilation, groups)
-    return _RefocusedConv2d.apply(x, basis, refocus_weight, bias, stride, padding, dilation,
-                                  groups)
+    kernel = refocus_kernel(basis, refocus_weight)
+    if groups > 1 or not (torch.is_grad_enabled() and kernel.requires_grad):
+        return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)
+    kernel_id = (kernel.data_ptr(), kernel.shape, kernel.dtype)  # no reference kept to it
+
+    def pack(t: torch.Tensor):
+        return None if (t.data_ptr(), t.shape, t.dtype) == kernel_id else t
+
+    def unpack(packed):
+        if packed is not None:
+            return packed
+        with torch.no_grad():
+            return refocus_kernel(basis, refocus_weight)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)

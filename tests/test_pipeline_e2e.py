@@ -151,6 +151,7 @@ def test_mim_train_with_plugin_config(task, det_data, seg_data, tmp_path):
     mim = osp.join(osp.dirname(sys.executable), 'mim')
     out = run_tool(mim, 'train', 'mmdet' if task == 'det' else 'mmseg', paths['refconv'],
                    '--gpus', '0', '--work-dir', str(tmp_path / 'w'))
-    assert 'RefConvHook: ' in out.stdout + out.stderr and 'RefConv layers' in out.stdout + out.stderr
+    log = out.stdout + out.stderr
+    assert 'RefConvHook: ' in log and 'RefConv layers' in log
     sd = load_sd(str(tmp_path / 'w' / 'iter_1.pth'))
     assert refconv_prefixes(sd)

@@ -108,7 +108,8 @@ def test_optimizer_never_changes_basis():
     torch.manual_seed(0)
     model = nn.Sequential(RefConv2d(3, 8, 3, padding=1), nn.ReLU(),
                           RefConv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 2, 1))
-    basis = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith('refocus_weight')}
+    basis = {k: v.clone() for k, v in model.state_dict().items()
+             if not k.endswith('refocus_weight')}
     refocus = [m.refocus_weight.clone() for m in model if isinstance(m, RefConv2d)]
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
     for _ in range(3):

@@ -130,12 +130,22 @@ def test_refocus_kernel_rejects_mismatch():
 
 @pytest.mark.parametrize('groups,calls', [(1, 2), (4, 1)])
 def test_kernel_recomputed_only_where_it_is_large(monkeypatch, groups, calls):
-    # g=1: recomputed in backward (memory); g>1: kept from forward (saves a pass over T).
+    # g=1: not kept after forward, recomputed in backward (memory); g>1: kept (saves a pass).
+    import weakref
+
     import refconv_mm.refocus as refocus
-    count = []
+    kernels = []
     real = refocus.refocus_kernel
-    monkeypatch.setattr(refocus, 'refocus_kernel', lambda *a: count.append(1) or real(*a))
+
+    def counting(*args):
+        kernel = real(*args)
+        kernels.append(weakref.ref(kernel))
+        return kernel
+
+    monkeypatch.setattr(refocus, 'refocus_kernel', counting)
     layer = RefConv2d(8, 8, 3, padding=1, groups=groups, init='official')
-    layer(torch.randn(1, 8, 6, 6)).sum().backward()
-    assert len(count) == calls
+    out = layer(torch.randn(1, 8, 6, 6))
+    assert (kernels[0]() is None) == (groups == 1)
+    out.sum().backward()
+    assert len(kernels) == calls
     assert layer.refocus_weight.grad is not None and layer.weight.grad is None

@@ -6,9 +6,10 @@
 Default: deterministically generates a small COCO-format shapes set, trains an
 mmdet RetinaNet-R18-FPN with the ORIGINAL installed config (adapted to the data and
 to a CPU budget: from-scratch backbone with batch-stat BN, 64-channel FPN/head,
-AdamW; see refconv_mm.shapes_configs.det_cpu_text), refocus-trains it with the one-line RefConv override and RefConvHook, merges
-with tools/merge_refconv.py, evaluates baseline / refocused / merged, prints a
-table and writes training-curve plots. With --config/--checkpoint the baseline
+AdamW; see refconv_mm.shapes_configs.det_cpu_text), refocus-trains it with the
+one-line RefConv override and RefConvHook, merges with tools/merge_refconv.py,
+evaluates baseline / refocused / merged, prints a table and writes
+training-curve plots. With --config/--checkpoint the baseline
 stage is skipped and your RefConv config is refocus-trained from your checkpoint.
 """
 import argparse

@@ -21,7 +21,8 @@ kernels. Eval additionally times ``merged`` (``refconv_mm.merge_refconv`` on a c
 
 Correctness checks run before timing and abort the run if they fail: the state dicts load with
 only the refocusing weights missing; seed and refconv_mm give the same training loss (1e-4
-relative) and refocusing gradients (1e-3 relative, in norm); the merged model's eval output equals
+relative) and refocusing gradients (1e-3 relative, in norm) in fp32, or, where the network
+amplifies fp32 rounding beyond that, 1e-9 / 1e-6 in float64 (on copies); the merged model's eval output equals
 the unmerged one (1e-4 relative to the output's max abs).
 
 Timing: ``--warmup`` untimed steps, then ``--steps`` timed ones, variants interleaved round-robin
@@ -433,20 +434,32 @@ def build_variants(bench: Bench, device: torch.device) -> Tuple[Dict[str, Varian
     return variants, info
 
 
-def check_seed_vs_refconv(bench: Bench, variants: Dict[str, Variant], data) -> dict:
-    """Same loss (1e-4 rel.) and refocusing grads (1e-3 rel. norm) for seed and refconv_mm."""
-    seed, ref = variants['seed'].model, variants['refconv_mm'].model
-    seed_bn = copy.deepcopy(seed.state_dict())  # undo the BN running-stat update afterwards
-    ref_bn = copy.deepcopy(ref.state_dict())
+def _as_dtype(obj: Any, dtype: torch.dtype) -> Any:
+    """``obj`` with its floating tensors (also inside lists, tuples, mmengine data elements) cast."""
+    from mmengine.structures import BaseDataElement
+    if torch.is_tensor(obj):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_as_dtype(o, dtype) for o in obj)
+    if isinstance(obj, BaseDataElement):
+        new = obj.clone()
+        for k, v in obj.items():
+            setattr(new, k, _as_dtype(v, dtype))
+        return new
+    return obj
+
+
+def _compare_seed_refconv(bench: Bench, variants: Dict[str, Variant], data,
+                          dtype: torch.dtype) -> Tuple[float, float, Dict[str, float]]:
+    """Relative loss and refocusing-gradient differences of seed vs refconv_mm, on copies."""
+    seed, ref = (copy.deepcopy(variants[n].model).to(dtype) for n in ('seed', 'refconv_mm'))
+    data = _as_dtype(data, dtype)
     losses = {}
     for name, model in (('seed', seed), ('refconv_mm', ref)):
-        model.zero_grad(set_to_none=True)
         loss = bench.train_loss(model, data)
         loss.backward()
         losses[name] = loss.item()
     rel = abs(losses['seed'] - losses['refconv_mm']) / max(abs(losses['seed']), 1e-12)
-    if not rel <= 1e-4:
-        raise RuntimeError(f'seed vs refconv_mm loss mismatch: {losses} (rel {rel:.2e})')
     seed_layers = refocus_layers(seed, SeedRefConv)
     num = den = 0.0
     for n, layer in refocus_layers(ref, RefConv2d).items():
@@ -456,14 +469,29 @@ def check_seed_vs_refconv(bench: Bench, variants: Dict[str, Variant], data) -> d
         if gs is not None:
             num += (gs.double() - gr.double()).pow(2).sum().item()
             den += gs.double().pow(2).sum().item()
-    grad_rel = (num / max(den, 1e-30))**0.5
-    if not grad_rel <= 1e-3:
-        raise RuntimeError(f'seed vs refconv_mm refocusing grads differ: rel {grad_rel:.2e}')
-    for model, sd in ((seed, seed_bn), (ref, ref_bn)):
-        model.zero_grad(set_to_none=True)
-        model.load_state_dict(sd)
-    return {'loss_seed': losses['seed'], 'loss_refconv_mm': losses['refconv_mm'],
-            'loss_rel_diff': rel, 'refocus_grad_rel_diff': grad_rel}
+    return rel, (num / max(den, 1e-30))**0.5, losses
+
+
+def check_seed_vs_refconv(bench: Bench, variants: Dict[str, Variant], data) -> dict:
+    """Same training loss and refocusing gradients for seed and refconv_mm.
+
+    fp32 first (loss 1e-4 relative, gradients 1e-3 relative in norm). The two compute the
+    refocused kernel with different, equally exact algorithms, and a deep random-init network
+    can amplify their fp32 rounding differences to ~1% in its gradients (MobileNetV2 does);
+    then the check is repeated in float64, where it must hold to 1e-9 / 1e-6.
+    """
+    rel, grad_rel, losses = _compare_seed_refconv(bench, variants, data, torch.float32)
+    out = {'loss_seed': losses['seed'], 'loss_refconv_mm': losses['refconv_mm'],
+           'loss_rel_diff': rel, 'refocus_grad_rel_diff': grad_rel, 'checked_in': 'float32'}
+    if rel <= 1e-4 and grad_rel <= 1e-3:
+        return out
+    rel64, grad_rel64, _ = _compare_seed_refconv(bench, variants, data, torch.float64)
+    if not (rel64 <= 1e-9 and grad_rel64 <= 1e-6):
+        raise RuntimeError(f'seed vs refconv_mm differ: loss rel {rel:.2e} / grads rel '
+                           f'{grad_rel:.2e} in float32, {rel64:.2e} / {grad_rel64:.2e} in float64')
+    out.update(loss_rel_diff_f64=rel64, refocus_grad_rel_diff_f64=grad_rel64,
+               checked_in='float64')
+    return out
 
 
 # -- per-model benchmark ---------------------------------------------------------------
@@ -503,7 +531,10 @@ def run_model(bench: Bench, args: argparse.Namespace, device: torch.device) -> d
     checks = check_seed_vs_refconv(bench, variants, data)
     log(f'  check seed vs refconv_mm: loss {checks["loss_seed"]:.6f} vs '
         f'{checks["loss_refconv_mm"]:.6f} (rel {checks["loss_rel_diff"]:.1e}), refocus grads '
-        f'rel {checks["refocus_grad_rel_diff"]:.1e}: ok')
+        f'rel {checks["refocus_grad_rel_diff"]:.1e}' + (
+            '' if checks['checked_in'] == 'float32' else
+            f'; float64: loss rel {checks["loss_rel_diff_f64"]:.1e}, refocus grads rel '
+            f'{checks["refocus_grad_rel_diff_f64"]:.1e}') + ': ok')
 
     def train_one(name: str) -> Tuple[float, Any]:
         return timed(lambda: train_step(bench, variants[name], data), device)
