@@ -427,7 +427,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    'saved checkpoint (one more process per run)')
     p.add_argument('--threads', type=int, default=1,
                    help='torch threads for digits (1: the tiny net gains nothing from more)')
-    # Defaults sized for ~35 min on 2 shared CPU cores; grow them wherever compute allows.
+    # Defaults sized for 2 CPU cores (det: ~20 min for 300 + 3 arms x 3 seeds x 150 iterations);
+    # grow them wherever compute allows.
     for task, d in (('det', dict(num_train=120, num_val=32, size=128, batch=4, base_iters=300,
                                  extra_iters=150, lr=1e-3)),
                     ('seg', dict(num_train=120, num_val=32, size=64, batch=4, base_iters=100,
