@@ -134,9 +134,6 @@ class RefConv2d(nn.Conv2d):
         if not needs_grad and not self.training:
             return F.conv2d(x, self.eval_kernel(), self.bias, self.stride, padding,
                             self.dilation, self.groups)
-        if isinstance(padding, str):  # 'same' / 'valid': let F.conv2d resolve it
-            return F.conv2d(x, self.refocused_kernel(), self.bias, self.stride, padding,
-                            self.dilation, self.groups)
         return refocused_conv2d(x, self.weight, self.refocus_weight, self.bias, self.stride,
                                 padding, self.dilation, self.groups)
 

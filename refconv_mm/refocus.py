@@ -64,14 +64,9 @@ def refocus_kernel(basis: torch.Tensor, refocus_weight: torch.Tensor) -> torch.T
                          f'fit a basis of shape {tuple(basis.shape)} (expected {cout * cin_g} '
                          '2-D kernels in dim 0).')
     refocus_weight = refocus_weight.to(basis.dtype)
-    if mh == mw == 1:
-        # A 1x1 map is a g x g matrix per group: far cheaper as a (batched) product than a
-        # conv with N groups over a tiny image.
-        if g == 1:
-            return torch.addcmul(basis, basis, refocus_weight.view(cout, cin_g, 1, 1))
-        mixed = torch.bmm(refocus_weight.view(n // g, g, g), basis.reshape(n // g, g, kh * kw))
-        return basis + mixed.view_as(basis)
     if g == 1:
+        if mh == mw == 1:  # one scale per kernel: a product, not a conv with N groups
+            return torch.addcmul(basis, basis, refocus_weight.view(cout, cin_g, 1, 1))
         # Each kernel has its own map: a conv with N groups, which oneDNN runs fastest.
         flat = basis.reshape(1, n, kh, kw)
         mapped = F.conv2d(flat, refocus_weight, None, 1, (mh // 2, mw // 2), 1, n)

@@ -106,8 +106,8 @@ def test_map_size_rule(k, map_k, want):
 
 
 @pytest.mark.parametrize('basis_trainable', [True, False])
-def test_custom_backward_matches_autograd(basis_trainable):
-    # A frozen basis with g > 1 takes the kept-kernel path, a trainable one recomputes.
+def test_refocused_backward_matches_autograd(basis_trainable):
+    # g=1 recomputes the kernel in backward, g>1 keeps it; the basis frozen or trainable.
     torch.manual_seed(0)
     for g, cin, cout in ((1, 4, 6), (2, 4, 6), (6, 6, 6)):
         layer = RefConv2d(cin, cout, 3, 2, 1, 1, g, True, init='official').double()

@@ -72,19 +72,15 @@ def run(args, log_path: str) -> float:
     return time.perf_counter() - t0
 
 
-def time_inference(cfg_path: str, ckpt: str, merge: bool, reps: int = 10) -> float:
-    """Median eval forward time (ms) of one val-sized image, optionally after merging."""
+def time_inference(cfg_path: str, ckpt: str, reps: int = 10) -> float:
+    """Median eval forward time (ms) of one val-sized image through the model as saved."""
     import torch
     from mmengine.config import Config
     from mmengine.runner import load_checkpoint
 
-    import refconv_mm
     from refconv_mm.verify import build_model, random_batch
-    cfg = Config.fromfile(cfg_path)
-    model = build_model(cfg)
+    model = build_model(Config.fromfile(cfg_path))
     load_checkpoint(model, ckpt, map_location='cpu', logger='silent')
-    if merge:
-        refconv_mm.merge_refconv(model)
     x, samples = random_batch(model, (128, 128))
     times = []
     with torch.no_grad():
@@ -216,9 +212,9 @@ def main(argv=None) -> int:
 
     next_stage('measuring parameters and inference time; writing the report')
     plain_p, ref_p = param_counts(baseline_cfg), param_counts(refconv_cfg)
-    infer = dict(plain=time_inference(baseline_cfg, base_ckpt, merge=False),
-                 refocused=time_inference(refconv_cfg, ref_ckpt, merge=False),
-                 merged=time_inference(baseline_cfg, merged, merge=False))
+    infer = dict(plain=time_inference(baseline_cfg, base_ckpt),
+                 refocused=time_inference(refconv_cfg, ref_ckpt),
+                 merged=time_inference(baseline_cfg, merged))
     rows = [
         ('metric ' + key, *(f"{metrics[n].get(key, float('nan')):.4f}"
                             for n in ('baseline', 'refocused', 'merged'))),
