@@ -1,4 +1,4 @@
-"""refconv_mm: RefConv for MMDetection and MMSegmentation (OpenMMLab 2.x plugin)."""
+"""refconv_mm: RefConv for MMDetection, MMSegmentation and MMPretrain (OpenMMLab 2.x plugin)."""
 import os
 import os.path as osp
 import shutil
@@ -43,8 +43,8 @@ if __name__ == '__main__':
     setup(
         name='refconv_mm',
         version=version(),
-        description='RefConv (Re-parameterized Refocusing Convolution) for MMDetection and '
-        'MMSegmentation',
+        description='RefConv (Re-parameterized Refocusing Convolution) for MMDetection, '
+        'MMSegmentation and MMPretrain',
         long_description=readme(),
         long_description_content_type='text/markdown',
         license='Apache License 2.0',
@@ -53,8 +53,9 @@ if __name__ == '__main__':
         package_data={'refconv_mm': ['.mim/configs/**/*', '.mim/tools/**/*']},
         python_requires='>=3.11,<3.12',
         install_requires=[
-            'torch==2.13.0', 'mmengine==0.10.7', 'mmcv==2.1.0', 'mmdet==3.3.0',
-            'mmsegmentation==1.2.2', 'numpy<2', 'setuptools>=77.0.3,<82', 'ftfy', 'regex'
+            'torch==2.13.0', 'torchvision==0.28.0', 'mmengine==0.10.7', 'mmcv==2.1.0',
+            'mmdet==3.3.0', 'mmsegmentation==1.2.2', 'mmpretrain==1.2.0', 'numpy<2',
+            'setuptools>=77.0.3,<82', 'ftfy', 'regex'
         ],
         extras_require=dict(tests=['pytest', 'scikit-learn', 'openmim']),
         zip_safe=False)

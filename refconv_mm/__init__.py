@@ -1,20 +1,27 @@
-"""refconv_mm: RefConv (Re-parameterized Refocusing Convolution) for MMDetection and MMSegmentation.
+"""refconv_mm: RefConv (Re-parameterized Refocusing Convolution) for OpenMMLab 2.x.
 
-``import refconv_mm`` registers ``RefConv`` (mmengine root ``MODELS``) and
-``RefConvHook`` (root ``HOOKS``), and lets mmengine load its own checkpoints
-under torch's weights-only loading.
+``import refconv_mm`` registers the ``RefConv`` conv type and ``RefConvModel``
+(mmengine root ``MODELS``, so mmdet, mmseg and mmpretrain scopes all find them) and
+``RefConvHook`` (root ``HOOKS``), and lets mmengine load its own checkpoints under
+torch's weights-only loading.
+
+The core: ``refocus`` (the math), ``refconv`` (the layer), ``convert`` / ``merge``
+(plain -> RefConv and back), ``hook``, ``checkpoint``, ``config``, ``dist``, ``verify``.
+``refconv_mm.experiments`` holds what the demo, benchmarks and tests run on.
 """
 from .checkpoint import allow_mmengine_checkpoints
+from .convert import RefConvModel, convert_to_refconv
 from .dist import DeviceAgnosticDDP
 from .hook import RefConvHook
 from .merge import merge_refconv, merge_state_dict
-from .refconv import RefConv2d
+from .refconv import RefConv2d, RefConv2dAdaptivePadding, RefConvWS2d, build_refconv
 from .refocus import refocus_kernel, refocused_conv2d
 from .version import __version__
 
 allow_mmengine_checkpoints()
 
 __all__ = [
-    'RefConv2d', 'RefConvHook', 'DeviceAgnosticDDP', 'refocus_kernel', 'refocused_conv2d',
+    'RefConv2d', 'RefConv2dAdaptivePadding', 'RefConvWS2d', 'build_refconv', 'convert_to_refconv',
+    'RefConvModel', 'RefConvHook', 'DeviceAgnosticDDP', 'refocus_kernel', 'refocused_conv2d',
     'merge_refconv', 'merge_state_dict', 'allow_mmengine_checkpoints', '__version__'
 ]

@@ -3,12 +3,18 @@ import copy
 
 from mmengine.config import Config, ConfigDict
 
-__all__ = ['plain_config', 'is_refconv_cfg']
+__all__ = ['plain_config', 'is_refconv_cfg', 'is_refconv_model_cfg']
 
 
 def is_refconv_cfg(value) -> bool:
     """True for a ``conv_cfg`` that builds a RefConv."""
-    return isinstance(value, dict) and value.get('type') in ('RefConv', 'RefConv2d')
+    return isinstance(value, dict) and value.get('type') in (
+        'RefConv', 'RefConv2d', 'RefConv2dAdaptivePadding')
+
+
+def is_refconv_model_cfg(value) -> bool:
+    """True for a ``model`` dict of the whole-model route (``type='RefConvModel'``)."""
+    return isinstance(value, dict) and value.get('type') == 'RefConvModel'
 
 
 def _strip(node):
@@ -23,9 +29,14 @@ def _strip(node):
 
 
 def plain_config(cfg: Config) -> Config:
-    """A copy of ``cfg`` with every RefConv ``conv_cfg`` set back to ``None`` (plain conv),
-    ``RefConvHook`` removed from ``custom_hooks`` and ``refconv_mm`` from ``custom_imports``."""
-    d = _strip(copy.deepcopy(cfg.to_dict()))
+    """A copy of ``cfg`` with every RefConv ``conv_cfg`` set back to ``None`` (plain conv), a
+    ``RefConvModel`` replaced by the model it wraps, ``RefConvHook`` removed from
+    ``custom_hooks`` and ``refconv_mm`` from ``custom_imports``: the ORIGINAL config."""
+    d = copy.deepcopy(cfg.to_dict())
+    if is_refconv_model_cfg(d.get('model')):
+        from .convert import split_refconv_model
+        d['model'] = split_refconv_model(d['model'])[0]  # the wrapper removed
+    d = _strip(d)
     hooks = [h for h in d.get('custom_hooks') or [] if h.get('type') != 'RefConvHook']
     if 'custom_hooks' in d:
         d['custom_hooks'] = hooks

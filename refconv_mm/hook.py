@@ -91,7 +91,8 @@ class RefConvHook(Hook):
         if not layers:
             raise RuntimeError(
                 'RefConvHook: the model has no RefConv layer. Add '
-                "conv_cfg=dict(type='RefConv') to the modules to refocus and "
+                "conv_cfg=dict(type='RefConv') to the modules to refocus, or wrap the model: "
+                "model = dict(_delete_=True, type='RefConvModel', model=_base_.model); and "
                 "custom_imports=dict(imports=['refconv_mm']) to the config.")
         thawed = [m for m in layers if m.weight.requires_grad
                   or (m.bias is not None and m.bias.requires_grad)]

@@ -14,24 +14,26 @@ REFOCUS_KEY = 'refocus_weight'
 
 
 def _plain_conv(m: RefConv2d) -> nn.Conv2d:
-    conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
-                     m.dilation, m.groups, m.bias is not None, m.padding_mode,
-                     device=m.weight.device, dtype=m.weight.dtype)
+    conv = m.make_plain()
     with torch.no_grad():
         conv.weight.copy_(m.refocused_kernel())
         if m.bias is not None:
             conv.bias.copy_(m.bias)
+    # What the model froze (frozen_stages) stays frozen; the rest trains as before conversion.
+    conv.requires_grad_(m.refocus_weight.requires_grad)
     conv.train(m.training)
     return conv
 
 
 @torch.no_grad()
 def merge_refconv(model: nn.Module) -> nn.Module:
-    """Replace every :class:`RefConv2d` in ``model`` by a plain ``nn.Conv2d``, in place.
+    """Replace every :class:`RefConv2d` in ``model`` by its plain conv, in place.
 
-    The plain conv holds the refocused kernel ``W_b + T(W_b)``, so outputs are
-    unchanged and ``model.state_dict()`` has the keys the original (plain)
-    config builds. Returns ``model`` (or the new conv if ``model`` is a RefConv).
+    The plain conv (``nn.Conv2d``, or the class :func:`convert_to_refconv` replaced)
+    holds the refocused kernel ``W_b + T(W_b)``, so outputs are unchanged and
+    ``model.state_dict()`` has the keys the original (plain) config builds; a frozen
+    refocusing weight leaves a frozen plain weight. Returns ``model`` (or the new conv
+    if ``model`` is a RefConv). The inverse of :func:`convert_to_refconv`.
     """
     if isinstance(model, RefConv2d):
         return _plain_conv(model)

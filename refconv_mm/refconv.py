@@ -1,21 +1,25 @@
 """RefConv: a drop-in ``nn.Conv2d`` whose kernel is refocused from a frozen basis."""
+import inspect
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mmcv.cnn.bricks.conv2d_adaptive_padding import Conv2dAdaptivePadding
+from mmcv.cnn.bricks.conv_ws import ConvWS2d, conv_ws_2d
 from mmengine.registry import MODELS
+from torch.nn.modules.utils import _pair
 
 from .refocus import refocus_kernel, refocus_weight_shape, refocused_conv2d
 
-__all__ = ['RefConv2d']
+__all__ = ['RefConv2d', 'RefConv2dAdaptivePadding', 'RefConvWS2d', 'build_refconv']
 
 _IntOrPair = Union[int, Tuple[int, int]]
 INIT_MODES = ('zero', 'official')
 
 
-@MODELS.register_module('RefConv')
+@MODELS.register_module()
 class RefConv2d(nn.Conv2d):
     """Re-parameterized Refocusing Convolution (arXiv 2310.10563).
 
@@ -38,7 +42,12 @@ class RefConv2d(nn.Conv2d):
             (Kaiming-uniform, a=sqrt(5)), which perturbs the kernel at start.
         transposed, output_padding: Accepted so that a wrong config fails
             clearly; RefConv has no transposed form.
+
+    ``plain_type`` is the plain conv class that merging gives back: ``nn.Conv2d``,
+    or the class :func:`refconv_mm.convert_to_refconv` replaced.
     """
+
+    plain_type: Type[nn.Conv2d] = nn.Conv2d
 
     def __init__(self,
                  in_channels: int,
@@ -137,9 +146,96 @@ class RefConv2d(nn.Conv2d):
         return refocused_conv2d(x, self.weight, self.refocus_weight, self.bias, self.stride,
                                 padding, self.dilation, self.groups)
 
+    def make_plain(self) -> nn.Conv2d:
+        """An empty conv of ``plain_type`` with this layer's geometry, device and dtype."""
+        conv = self.plain_type(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                               self.padding, self.dilation, self.groups, self.bias is not None,
+                               self.padding_mode)
+        return conv.to(device=self.weight.device, dtype=self.weight.dtype)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f', map_k={self.map_k}, init={self.init}'
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._kernel_cache = None
+
+
+class RefConv2dAdaptivePadding(RefConv2d):
+    """RefConv of mmcv's ``Conv2dAdaptivePadding`` (TensorFlow "SAME" padding per input size).
+
+    Pads the input exactly as ``Conv2dAdaptivePadding.forward`` does, then runs the
+    refocused conv; merging gives a ``Conv2dAdaptivePadding`` back.
+    """
+
+    plain_type = Conv2dAdaptivePadding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
+            out = math.ceil(size / s)
+            pads.append(max((out - 1) * s + (k - 1) * d + 1 - size, 0))
+        pad_h, pad_w = pads
+        if pad_h > 0 or pad_w > 0:
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return super().forward(x)
+
+    def make_plain(self) -> nn.Conv2d:
+        conv = Conv2dAdaptivePadding(self.in_channels, self.out_channels, self.kernel_size,
+                                     self.stride, self.padding, self.dilation, self.groups,
+                                     self.bias is not None)
+        return conv.to(device=self.weight.device, dtype=self.weight.dtype)
+
+
+class RefConvWS2d(RefConv2d):
+    """RefConv of mmcv's weight-standardised ``ConvWS2d``: the refocused kernel is standardised.
+
+    ``W = WS(W_b + T(W_b))``, exactly what a ``ConvWS2d`` holding ``W_b + T(W_b)`` computes,
+    so merging gives a ``ConvWS2d`` back. The kernel is kept for backward (no recompute).
+    """
+
+    plain_type = ConvWS2d
+
+    def __init__(self, *args, eps: float = 1e-5, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        needs_grad = torch.is_grad_enabled() and self.refocus_weight.requires_grad
+        kernel = self.eval_kernel() if not (needs_grad or self.training) else \
+            self.refocused_kernel()
+        return conv_ws_2d(x, kernel, self.bias, self.stride, self.padding, self.dilation,
+                          self.groups, self.eps)
+
+    def make_plain(self) -> nn.Conv2d:
+        conv = ConvWS2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                        self.padding, self.dilation, self.groups, self.bias is not None,
+                        eps=self.eps)
+        return conv.to(device=self.weight.device, dtype=self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f', eps={self.eps}'
+
+
+_CONV_SIGNATURE = inspect.signature(nn.Conv2d.__init__)
+
+
+@MODELS.register_module('RefConv')
+def build_refconv(*args, spatial_only: bool = False, **kwargs) -> nn.Conv2d:
+    """``conv_cfg=dict(type='RefConv', ...)``: a :class:`RefConv2d`, built as ``nn.Conv2d`` is.
+
+    Args:
+        *args, **kwargs: ``nn.Conv2d``'s arguments and RefConv2d's (``map_k``, ``init``).
+        spatial_only: The official selection: refocus only convs with a spatial kernel and
+            build 1x1 convs as plain ``nn.Conv2d`` (the official MobileNetV3 code refocuses
+            the stem and the depthwise convs, never the 1x1 expand/project convs).
+    """
+    if spatial_only:
+        plain_kwargs = {k: v for k, v in kwargs.items() if k not in ('map_k', 'init')}
+        try:
+            kernel_size = _CONV_SIGNATURE.bind(None, *args, **plain_kwargs).arguments['kernel_size']
+        except TypeError:  # let RefConv2d name the bad argument
+            kernel_size = None
+        if kernel_size is not None and _pair(kernel_size) == (1, 1):
+            return nn.Conv2d(*args, **plain_kwargs)
+    return RefConv2d(*args, **kwargs)

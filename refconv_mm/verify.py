@@ -1,4 +1,4 @@
-"""Run the same random input through two mmdet/mmseg models and compare their raw outputs."""
+"""Run the same random input through two mmdet/mmseg/mmpretrain models; compare raw outputs."""
 import copy
 from typing import List, Tuple
 
@@ -27,6 +27,9 @@ def _sample_type(model: nn.Module):
     if mod.startswith('mmdet'):
         from mmdet.structures import DetDataSample
         return DetDataSample
+    if mod.startswith('mmpretrain'):
+        from mmpretrain.structures import DataSample
+        return DataSample
     return BaseDataElement
 
 

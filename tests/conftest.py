@@ -24,13 +24,13 @@ def run_tool(*args, check=True, timeout=900, env=None):
 
 @pytest.fixture(scope='session')
 def det_data(tmp_path_factory):
-    from refconv_mm.shapes_data import make_detection_set
+    from refconv_mm.experiments.shapes_data import make_detection_set
     return make_detection_set(str(tmp_path_factory.mktemp('det_data')), num_train=12,
                               num_val=6, size=96)
 
 
 @pytest.fixture(scope='session')
 def seg_data(tmp_path_factory):
-    from refconv_mm.shapes_data import make_segmentation_set
+    from refconv_mm.experiments.shapes_data import make_segmentation_set
     return make_segmentation_set(str(tmp_path_factory.mktemp('seg_data')), num_train=8,
                                  num_val=4, size=64)

@@ -10,7 +10,7 @@ from mmengine.config import Config
 from mmengine.runner import Runner, load_checkpoint
 
 import refconv_mm  # noqa: F401
-from refconv_mm.shapes_configs import write_config_pair
+from refconv_mm.experiments.shapes_configs import write_config_pair
 
 
 @pytest.fixture(scope='module')

@@ -8,7 +8,7 @@ from mmengine.runner import Runner
 
 import refconv_mm  # noqa: F401
 from refconv_mm import RefConv2d
-from refconv_mm.shapes_configs import write_config_pair
+from refconv_mm.experiments.shapes_configs import write_config_pair
 
 
 @pytest.fixture(scope='module')

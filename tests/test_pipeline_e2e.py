@@ -11,30 +11,41 @@ import pytest
 import torch
 
 from refconv_mm.merge import refconv_prefixes
-from refconv_mm.runlogs import logged_metrics
-from refconv_mm.shapes_configs import write_config_pair
+from refconv_mm.experiments.runlogs import logged_metrics
+from refconv_mm.experiments.shapes_configs import write_config_pair
 
 from .conftest import ROOT, run_tool
 
 TESTS = osp.dirname(osp.abspath(__file__))
 
 
+# The whole-model route: RefConvModel wraps the baseline's model (retina_cls/reg included).
+REFCONV_MODEL = "dict(_delete_=True, type='RefConvModel', model=_base_.model)"
+
+
 def frozen_by_model(task):
     """Prefixes the model itself freezes: mmdet's ResNet has frozen_stages=1."""
-    return ('backbone.conv1.', 'backbone.layer1.') if task == 'det' else ()
+    return ('backbone.conv1.', 'backbone.layer1.') if task.startswith('det') else ()
+
+
+def write_configs(task, work, data, **kwargs):
+    """The config pair of ``task``: 'det'/'seg' (conv_cfg route) or 'det-model' (RefConvModel)."""
+    if task == 'det-model':
+        return write_config_pair(work, data['data_root'], 'det', override=REFCONV_MODEL, **kwargs)
+    return write_config_pair(work, data['data_root'], task, **kwargs)
 
 
 def load_sd(path):
     return torch.load(path, map_location='cpu')['state_dict']
 
 
-@pytest.fixture(scope='module', params=['det', 'seg'])
+@pytest.fixture(scope='module', params=['det', 'det-model', 'seg'])
 def workflow(request, det_data, seg_data, tmp_path_factory):
     task = request.param
-    data = det_data if task == 'det' else seg_data
+    data = seg_data if task == 'seg' else det_data
     work = str(tmp_path_factory.mktemp(f'e2e_{task}'))
-    paths = write_config_pair(work, data['data_root'], task, iters=4, refocus_iters=4, size=64,
-                              batch=2, log_interval=1, ckpt_interval=2)
+    paths = write_configs(task, work, data, iters=4, refocus_iters=4, size=64, batch=2,
+                          log_interval=1, ckpt_interval=2)
     run_tool('tools/train.py', paths['baseline'], '--work-dir', osp.join(work, 'base'))
     base_ckpt = osp.join(work, 'base', 'iter_4.pth')
     run_tool('tools/train.py', paths['refconv'], '--work-dir', osp.join(work, 'ref'),
@@ -47,6 +58,8 @@ def test_basis_bit_identical_and_refocus_moved(workflow):
     base, ref = load_sd(workflow['base']), load_sd(workflow['ref'])
     prefixes = refconv_prefixes(ref)
     assert len(prefixes) > 10
+    if workflow['task'] == 'det-model':  # convs that never see conv_cfg are refocused too
+        assert {'bbox_head.retina_cls.', 'bbox_head.retina_reg.'} <= set(prefixes)
     for p in prefixes:
         assert torch.equal(ref[p + 'weight'], base[p + 'weight']), p
         if p + 'bias' in base:
@@ -75,7 +88,7 @@ def test_merge_then_original_config_reproduces_metrics(workflow):
              osp.join(w['work'], 'test_ref'))
     m_merged = logged_metrics(osp.join(w['work'], 'test_merged'))
     m_ref = logged_metrics(osp.join(w['work'], 'test_ref'))
-    key = 'coco/bbox_mAP' if w['task'] == 'det' else 'mIoU'
+    key = 'mIoU' if w['task'] == 'seg' else 'coco/bbox_mAP'
     assert key in m_merged and key in m_ref
     for k, v in m_ref.items():
         if isinstance(v, float) and ('mAP' in k or 'IoU' in k or 'Acc' in k):
@@ -142,14 +155,13 @@ def test_two_process_refocus_training(workflow, tmp_path):
         assert moved != p.startswith(frozen_by_model(w['task'])), p
 
 
-@pytest.mark.parametrize('task', ['det', 'seg'])
+@pytest.mark.parametrize('task', ['det', 'det-model', 'seg'])
 def test_mim_train_with_plugin_config(task, det_data, seg_data, tmp_path):
     """`mim train mmdet|mmseg CONFIG` runs mmdet's/mmseg's own train.py on a RefConv config."""
-    data = det_data if task == 'det' else seg_data
-    paths = write_config_pair(str(tmp_path), data['data_root'], task, iters=1, refocus_iters=1,
-                              size=64, batch=2)
+    data = seg_data if task == 'seg' else det_data
+    paths = write_configs(task, str(tmp_path), data, iters=1, refocus_iters=1, size=64, batch=2)
     mim = osp.join(osp.dirname(sys.executable), 'mim')
-    out = run_tool(mim, 'train', 'mmdet' if task == 'det' else 'mmseg', paths['refconv'],
+    out = run_tool(mim, 'train', 'mmseg' if task == 'seg' else 'mmdet', paths['refconv'],
                    '--gpus', '0', '--work-dir', str(tmp_path / 'w'))
     log = out.stdout + out.stderr
     assert 'RefConvHook: ' in log and 'RefConv layers' in log

@@ -8,7 +8,7 @@ from mmcv.cnn import ConvModule, build_conv_layer
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from refconv_mm import RefConv2d
+from refconv_mm import RefConv2d, RefConv2dAdaptivePadding, build_refconv, merge_refconv
 
 
 @pytest.mark.parametrize('scope', [None, 'mmdet', 'mmseg'])
@@ -18,11 +18,11 @@ def test_registered_in_root_registry(scope):
     from mmengine.registry import DefaultScope
     name = f'refconv_scope_{scope}'
     if scope is None:
-        assert MODELS.get('RefConv') is RefConv2d
+        assert MODELS.get('RefConv') is build_refconv and MODELS.get('RefConv2d') is RefConv2d
     else:
         DefaultScope.get_instance(name, scope_name=scope)
         reg = {'mmdet': mmdet.registry.MODELS, 'mmseg': mmseg.registry.MODELS}[scope]
-        assert reg.get('RefConv') is RefConv2d
+        assert reg.get('RefConv') is build_refconv
     assert isinstance(build_conv_layer(dict(type='RefConv'), 4, 8, 3), RefConv2d)
 
 
@@ -178,3 +178,60 @@ def test_deepcopy_and_pickle_roundtrip():
         y = layer(x)
         clone = copy.deepcopy(layer)
         torch.testing.assert_close(clone(x), y)
+
+
+def test_spatial_only_keeps_1x1_plain():
+    """The official selection in the one-line override: 1x1 convs are built as nn.Conv2d."""
+    cfg = dict(type='RefConv', spatial_only=True, map_k=3, init='official')
+    one = build_conv_layer(cfg, 4, 8, 1, bias=False)
+    pair = build_conv_layer(cfg, 4, 8, kernel_size=(1, 1), stride=2)
+    dw = build_conv_layer(cfg, 8, 8, 3, padding=1, groups=8)
+    strip = build_conv_layer(cfg, 8, 8, (1, 3), padding=(0, 1))
+    assert type(one) is nn.Conv2d and one.bias is None and one.weight.requires_grad
+    assert type(pair) is nn.Conv2d and pair.stride == (2, 2)
+    assert isinstance(dw, RefConv2d) and dw.init == 'official'
+    assert isinstance(strip, RefConv2d)  # a spatial kernel along one axis is refocused
+    assert isinstance(build_conv_layer(dict(type='RefConv'), 4, 8, 1), RefConv2d)
+    with pytest.raises(ValueError, match='transposed'):
+        build_conv_layer(cfg, 4, 8, 1, transposed=True)
+
+
+@pytest.mark.parametrize('size', [(15, 16), (17, 17), (32, 31)])
+@pytest.mark.parametrize('stride,dilation', [(1, 1), (2, 1), (2, 2)])
+def test_adaptive_padding_variant_matches_mmcv(size, stride, dilation):
+    """RefConv of Conv2dAdaptivePadding pads as mmcv does, for every input size; merges back."""
+    from mmcv.cnn.bricks.conv2d_adaptive_padding import Conv2dAdaptivePadding
+    torch.manual_seed(0)
+    layer = RefConv2dAdaptivePadding(4, 6, 3, stride, 0, dilation, 2, True, init='official')
+    plain = Conv2dAdaptivePadding(4, 6, 3, stride, 0, dilation, 2, True)
+    with torch.no_grad():
+        plain.weight.copy_(layer.refocused_kernel())
+        plain.bias.copy_(layer.bias)
+    x = torch.randn(2, 4, *size)
+    torch.testing.assert_close(layer(x), plain(x), atol=1e-6, rtol=1e-5)
+    merged = merge_refconv(layer)
+    assert type(merged) is Conv2dAdaptivePadding
+    torch.testing.assert_close(merged(x), plain(x), atol=1e-6, rtol=1e-5)
+
+
+def test_weight_standardised_variant_matches_mmcv():
+    """RefConv of ConvWS2d standardises the refocused kernel: same outputs and grads; merges back."""
+    from mmcv.cnn import ConvWS2d
+    from refconv_mm import RefConvWS2d
+    torch.manual_seed(0)
+    layer = RefConvWS2d(4, 6, 3, 1, 1, 1, 2, True, eps=1e-4, init='official').double()
+    plain = ConvWS2d(4, 6, 3, 1, 1, 1, 2, True, eps=1e-4).double()
+    kernel = layer.refocused_kernel()
+    with torch.no_grad():
+        plain.weight.copy_(kernel)
+        plain.bias.copy_(layer.bias)
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    out = layer(x)
+    torch.testing.assert_close(out, plain(x), atol=1e-12, rtol=1e-10)
+    out.square().sum().backward()
+    assert layer.refocus_weight.grad is not None and layer.weight.grad is None
+    layer.eval()
+    torch.testing.assert_close(layer(x), plain(x), atol=1e-12, rtol=1e-10)
+    merged = merge_refconv(layer)
+    assert type(merged) is ConvWS2d and merged.eps == 1e-4
+    torch.testing.assert_close(merged(x), plain(x), atol=1e-12, rtol=1e-10)

@@ -1,10 +1,10 @@
-"""refconv_mm.runlogs on the files mmengine writes, and its errors on a run that wrote none."""
+"""refconv_mm.experiments.runlogs on the files mmengine writes, and its errors on a run that wrote none."""
 import json
 import os
 
 import pytest
 
-from refconv_mm.runlogs import last_checkpoint, logged_metrics, train_curve
+from refconv_mm.experiments.runlogs import last_checkpoint, logged_metrics, train_curve
 
 
 def _write(path, lines):

@@ -6,7 +6,7 @@
 Default: deterministically generates a small COCO-format shapes set, trains an
 mmdet RetinaNet-R18-FPN with the ORIGINAL installed config (adapted to the data and
 to a CPU budget: from-scratch backbone with batch-stat BN, 64-channel FPN/head,
-AdamW; see refconv_mm.shapes_configs.det_cpu_text), refocus-trains it with the
+AdamW; see refconv_mm.experiments.shapes_configs.det_cpu_text), refocus-trains it with the
 one-line RefConv override and RefConvHook, merges with tools/merge_refconv.py,
 evaluates baseline / refocused / merged, prints a table and writes
 training-curve plots. With --config/--checkpoint the baseline
@@ -24,7 +24,7 @@ import time
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without the editable install
     sys.path.insert(0, ROOT)
-from refconv_mm.runlogs import last_checkpoint, logged_metrics, train_curve  # noqa: E402
+from refconv_mm.experiments.runlogs import last_checkpoint, logged_metrics, train_curve  # noqa: E402
 
 # Error lines are shown besides progress (but not build flags naming -Werror).
 PROBLEM = re.compile(r'^\s*(\w+(Error|Exception)\b|.*\bERROR\b)')
@@ -166,8 +166,8 @@ def main(argv=None) -> int:
             baseline_cfg = osp.join(work, 'baseline_config.py')
             plain_config(Config.fromfile(refconv_cfg)).dump(baseline_cfg)
     else:
-        from refconv_mm.shapes_configs import det_cpu_text, write_config_pair
-        from refconv_mm.shapes_data import make_detection_set
+        from refconv_mm.experiments.shapes_configs import det_cpu_text, write_config_pair
+        from refconv_mm.experiments.shapes_data import make_detection_set
         next_stage('generating the shapes detection set (COCO format)')
         data = make_detection_set(osp.join(work, 'data'), num_train=64, num_val=24, size=128,
                                   seed=args.seed)

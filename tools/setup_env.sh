@@ -24,11 +24,20 @@ command -v c++ >/dev/null 2>&1 || { echo "refconv_mm: a C++ compiler (c++) is ne
 echo "[setup] virtual environment: $VENV"
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-# A local wheel directory (as on the project's machines) is used when present.
-[[ -d /opt/wheels ]] && export PIP_FIND_LINKS="/opt/wheels${PIP_FIND_LINKS:+ $PIP_FIND_LINKS}"
 
 step() { echo "[setup] $*"; }
-step "base packages (torch 2.13.0 CPU, runtime requirements)"
+# torch 2.13.0 as PyPI builds it (CUDA runtime included; runs on a machine without a GPU): the
+# registry's torchvision wheels (0.28.0 pairs with torch 2.13) link torch's CUDA libraries and
+# mmpretrain imports torchvision. '===' skips a CPU-only '2.13.0+cpu' wheel that a local wheel
+# directory may hold, which '==' would prefer (README "Installation").
+if ! "$VENV/bin/python" -c 'import sys, torch, torchvision
+sys.exit(not (torch.__version__.startswith("2.13.0") and torchvision.__version__.startswith("0.28.0")))
+' 2>/dev/null; then
+    step "torch 2.13.0 + torchvision 0.28.0 (PyPI builds, about 3 GB with the CUDA runtime packages)"
+    "${PIP[@]}" uninstall -q -y torch torchvision 2>/dev/null || true
+    "${PIP[@]}" install -q 'torch===2.13.0' 'torchvision===0.28.0' -c "$ROOT/requirements/runtime.txt"
+fi
+step "runtime requirements"
 "${PIP[@]}" install -q -r "$ROOT/requirements/runtime.txt"
 step "mmengine 0.10.7"
 "${PIP[@]}" install -q --no-deps mmengine==0.10.7

@@ -1,4 +1,4 @@
-"""Test (evaluate) a checkpoint; mmdet/mmseg ``tools/test.py`` arguments.
+"""Test (evaluate) a checkpoint of mmdet/mmseg/mmpretrain; mmdet ``tools/test.py`` arguments.
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out RESULTS.pkl]
                          [--cfg-options k=v ...] [--launcher {none,pytorch,slurm,mpi}]

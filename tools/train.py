@@ -1,4 +1,4 @@
-"""Train (refocus-train) a detector or segmentor; mmdet/mmseg ``tools/train.py`` arguments.
+"""Train (refocus-train) a detector, segmentor or classifier; mmdet ``tools/train.py`` arguments.
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
                           [--cfg-options k=v ...] [--launcher {none,pytorch,slurm,mpi}]
@@ -19,7 +19,7 @@ from refconv_mm.dist import setup_distributed
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description='Train a detector / segmentor (refconv_mm)')
+    p = argparse.ArgumentParser(description='Train a detector / segmentor / classifier (refconv_mm)')
     p.add_argument('config', help='train config file path')
     p.add_argument('--work-dir', help='the dir to save logs and models')
     p.add_argument('--amp', action='store_true', help='enable automatic-mixed-precision training')

@@ -45,7 +45,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if REPO not in sys.path:  # refconv_mm may not be pip-installed
     sys.path.insert(0, REPO)
-from refconv_mm.runlogs import logged_metrics  # noqa: E402
+from refconv_mm.experiments.runlogs import logged_metrics  # noqa: E402
 
 ARMS = ('continue', 'refconv', 'refconv_zero')
 ARM_INIT = {'refconv': 'official', 'refconv_zero': 'zero'}
@@ -144,8 +144,8 @@ def check_merged(py: str, refconv_cfg: str, baseline_cfg: str, ckpt: str, run_di
 
 def run_mm_task(task: str, args: argparse.Namespace, seeds: Sequence[int]) -> Dict[str, object]:
     """Baseline + the three arms x ``seeds`` for ``task`` in ``('det', 'seg')``."""
-    from refconv_mm.shapes_configs import det_cpu_text, write_config_pair
-    from refconv_mm.shapes_data import make_detection_set, make_segmentation_set
+    from refconv_mm.experiments.shapes_configs import det_cpu_text, write_config_pair
+    from refconv_mm.experiments.shapes_data import make_detection_set, make_segmentation_set
     b = budget(task, args)
     root = osp.join(args.work_dir, task)
     data_root = osp.abspath(osp.join(root, 'data'))
