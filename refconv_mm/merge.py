@@ -37,11 +37,13 @@ def merge_refconv(model: nn.Module) -> nn.Module:
     """
     if isinstance(model, RefConv2d):
         return _plain_conv(model)
-    for name, child in list(model.named_children()):
-        if isinstance(child, RefConv2d):
-            setattr(model, name, _plain_conv(child))
-        else:
-            merge_refconv(child)
+    plain = {}  # id(RefConv) -> plain conv: a layer shared by two parents stays shared
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, RefConv2d):
+                if id(child) not in plain:
+                    plain[id(child)] = _plain_conv(child)
+                setattr(parent, name, plain[id(child)])
     return model
 
 

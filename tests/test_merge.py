@@ -88,3 +88,16 @@ def test_merge_refconv_on_bare_layer_and_training_flag():
     assert type(conv) is nn.Conv2d and not conv.training and conv.padding_mode == 'reflect'
     x = torch.randn(1, 2, 6, 6)
     torch.testing.assert_close(conv(x), layer(x))
+
+
+def test_shared_conv_stays_shared_both_ways():
+    """RetinaSepBNHead shares its convs across levels: conversion and merge keep one module."""
+    shared = nn.Conv2d(3, 3, 3, padding=1)
+    model = nn.ModuleDict(dict(a=nn.Sequential(shared, nn.ReLU()), b=nn.Sequential(shared)))
+    refconv_mm.convert_to_refconv(model, init='official')
+    assert isinstance(model.a[0], RefConv2d) and model.a[0] is model.b[0]
+    x = torch.randn(1, 3, 5, 5)
+    want = model.b(model.a(x))
+    merge_refconv(model)
+    assert type(model.a[0]) is nn.Conv2d and model.a[0] is model.b[0]
+    torch.testing.assert_close(model.b(model.a(x)), want, atol=1e-6, rtol=1e-5)
