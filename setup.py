@@ -57,5 +57,8 @@ if __name__ == '__main__':
             'mmdet==3.3.0', 'mmsegmentation==1.2.2', 'mmpretrain==1.2.0', 'numpy<2',
             'setuptools>=77.0.3,<82', 'ftfy', 'regex'
         ],
-        extras_require=dict(tests=['pytest', 'scikit-learn', 'openmim']),
+        extras_require=dict(tests=['pytest', 'scikit-learn', 'openmim'],
+                            # README "Deploy"; requirements/deploy.txt has the same pins
+                            deploy=['mmdeploy==1.3.1', 'onnx==1.17.0', 'protobuf==3.20.2',
+                                    'onnxruntime==1.26.0']),
         zip_safe=False)

@@ -10,7 +10,7 @@ import torch
 from .merge import merge_state_dict, refconv_prefixes
 
 __all__ = ['allow_mmengine_checkpoints', 'load_checkpoint_file', 'save_merged_checkpoint',
-           'atomic_save']
+           'atomic_save', 'check_state_dict_fits']
 
 
 def _safe_globals() -> list:
@@ -70,6 +70,22 @@ def load_checkpoint_file(path: str) -> Dict:
     if not isinstance(ckpt, dict):
         raise ValueError(f'checkpoint {path!r} holds a {type(ckpt).__name__}, not a dict')
     return ckpt
+
+
+def check_state_dict_fits(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
+                          config: str, checkpoint: str) -> None:
+    """Raise a one-line ``ValueError`` unless ``state_dict`` has exactly ``model``'s keys/shapes."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    shape = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if missing or unexpected or shape:
+        parts = [f'{len(x)} {name} (e.g. {x[0]})' for x, name in
+                 ((missing, 'missing keys'), (unexpected, 'unexpected keys'),
+                  (shape, 'shape mismatches')) if x]
+        raise ValueError(f'config {config!r} does not match checkpoint {checkpoint!r}: '
+                         + '; '.join(parts))
 
 
 def atomic_save(obj, path: str, overwrite: bool = False) -> None:

@@ -19,6 +19,16 @@ _IntOrPair = Union[int, Tuple[int, int]]
 INIT_MODES = ('zero', 'official')
 
 
+def _refuse_onnx_export() -> None:
+    if torch.onnx.is_in_onnx_export():
+        # Traced, the refocusing transform would run at inference: not the plain graph.
+        raise RuntimeError(
+            'RefConv: an unmerged RefConv layer cannot be exported to ONNX (the refocusing '
+            'transform would be part of the graph). Merge first: python tools/merge_refconv.py '
+            'REFCONV_CONFIG CKPT MERGED.pth, then export MERGED.pth with the original config, '
+            'or use python tools/deploy_onnx.py in one step.')
+
+
 @MODELS.register_module()
 class RefConv2d(nn.Conv2d):
     """Re-parameterized Refocusing Convolution (arXiv 2310.10563).
@@ -134,6 +144,7 @@ class RefConv2d(nn.Conv2d):
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _refuse_onnx_export()
         padding = self.padding
         if self.padding_mode != 'zeros':
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -201,6 +212,7 @@ class RefConvWS2d(RefConv2d):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _refuse_onnx_export()
         needs_grad = torch.is_grad_enabled() and self.refocus_weight.requires_grad
         kernel = self.eval_kernel() if not (needs_grad or self.training) else \
             self.refocused_kernel()

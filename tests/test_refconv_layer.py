@@ -235,3 +235,14 @@ def test_weight_standardised_variant_matches_mmcv():
     merged = merge_refconv(layer)
     assert type(merged) is ConvWS2d and merged.eps == 1e-4
     torch.testing.assert_close(merged(x), plain(x), atol=1e-12, rtol=1e-10)
+
+
+def test_onnx_export_of_unmerged_layer_is_refused(tmp_path):
+    """Exported unmerged, the refocusing transform would run at inference: refused, with the fix."""
+    model = nn.Sequential(RefConv2d(3, 4, 3, padding=1)).eval()
+    with pytest.raises(RuntimeError, match='tools/merge_refconv.py'):
+        torch.onnx.export(model, (torch.randn(1, 3, 8, 8),), str(tmp_path / 'm.onnx'),
+                          dynamo=False)
+    merged = merge_refconv(model)
+    torch.onnx.export(merged, (torch.randn(1, 3, 8, 8),), str(tmp_path / 'm.onnx'), dynamo=False)
+    assert (tmp_path / 'm.onnx').stat().st_size > 0

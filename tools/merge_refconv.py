@@ -11,7 +11,8 @@ import sys
 from mmengine.config import Config, DictAction
 
 import refconv_mm  # noqa: F401  (registers RefConv, allows mmengine checkpoints)
-from refconv_mm.checkpoint import load_checkpoint_file, save_merged_checkpoint
+from refconv_mm.checkpoint import (check_state_dict_fits, load_checkpoint_file,
+                                   save_merged_checkpoint)
 from refconv_mm.config import plain_config
 from refconv_mm.merge import merge_state_dict, refconv_prefixes
 
@@ -33,20 +34,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _check_matches(model, state_dict, config, checkpoint):
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in state_dict.items()}
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    shape = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-    if missing or unexpected or shape:
-        parts = [f'{len(x)} {name} (e.g. {x[0]})' for x, name in
-                 ((missing, 'missing keys'), (unexpected, 'unexpected keys'),
-                  (shape, 'shape mismatches')) if x]
-        raise ValueError(f'config {config!r} does not match checkpoint {checkpoint!r}: '
-                         + '; '.join(parts))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from refconv_mm.verify import build_model, max_output_diff
@@ -62,7 +49,7 @@ def main(argv=None) -> int:
         raise ValueError(f'checkpoint {args.checkpoint!r} has no RefConv weights '
                          '(no *.refocus_weight keys): it is already plain, nothing to merge')
     model = build_model(cfg)
-    _check_matches(model, state_dict, args.config, args.checkpoint)
+    check_state_dict_fits(model, state_dict, args.config, args.checkpoint)
     plain_cfg = plain_config(cfg)
     plain = build_model(plain_cfg)
     merged = merge_state_dict(state_dict)

@@ -53,7 +53,10 @@ step "mmdet 3.3.0, mmsegmentation 1.2.2"
 "${PIP[@]}" install -q -r "$ROOT/requirements/openmmlab.txt" -c "$ROOT/requirements/runtime.txt"
 step "test and tool requirements"
 "${PIP[@]}" install -q -r "$ROOT/requirements/tests.txt" -c "$ROOT/requirements/runtime.txt"
+step "deploy stack: onnx, onnxruntime, mmdeploy 1.3.1 (--no-deps: its deps are requirements/deploy.txt)"
+"${PIP[@]}" install -q -r "$ROOT/requirements/deploy.txt" -c "$ROOT/requirements/runtime.txt"
+"${PIP[@]}" install -q --no-deps mmdeploy==1.3.1
 step "refconv_mm (editable)"
 "${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
-"$VENV/bin/python" -c 'import refconv_mm, mmdet, mmseg, mmcv.ops; print("[setup] ok: refconv_mm", refconv_mm.__version__)'
+"$VENV/bin/python" -c 'import refconv_mm, mmdet, mmseg, mmcv.ops, mmdeploy, onnxruntime; print("[setup] ok: refconv_mm", refconv_mm.__version__)'
 echo "$WANT" > "$STAMP"
