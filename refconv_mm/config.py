@@ -48,4 +48,7 @@ def plain_config(cfg: Config) -> Config:
         else:
             d.pop('custom_imports')
     d.pop('load_from', None)
+    # the override's helper variable (refconv = dict(type='RefConv')) goes with the override
+    for key in [k for k, v in d.items() if is_refconv_cfg(v)]:
+        d.pop(key)
     return Config(d)

@@ -140,7 +140,8 @@ class RefConv2d(nn.Conv2d):
         return self._kernel_cache[1]
 
     def train(self, mode: bool = True) -> 'RefConv2d':
-        self._kernel_cache = None  # a training kernel is never cached
+        if mode:
+            self._kernel_cache = None  # a training kernel is never cached: free the eval one
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

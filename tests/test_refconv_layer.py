@@ -134,6 +134,8 @@ def test_eval_cache_reused_and_never_stale():
         k0 = layer._kernel_cache[1]
         layer(x)
         assert layer._kernel_cache[1] is k0  # reused
+        layer.eval()
+        assert layer._kernel_cache[1] is k0  # eval() on an eval layer keeps it
     # load_state_dict
     other = RefConv2d(3, 4, 3, padding=1, init='official')
     layer.load_state_dict(other.state_dict())

@@ -1,4 +1,4 @@
-"""Config files that point an installed mmdet/mmseg config at the shapes datasets.
+"""Config files that point an installed mmdet/mmseg/mmpretrain config at the shapes datasets.
 
 :func:`write_config_pair` writes, into a work directory, the two files a user
 would have: ``baseline.py`` (the ORIGINAL config, adapted to the data) and
@@ -12,10 +12,12 @@ from typing import Dict, Optional
 
 from .shapes_data import CLASSES, seg_classes
 
-__all__ = ['DET_BASE', 'SEG_BASE', 'REFCONV_OVERRIDES', 'det_cpu_text', 'write_config_pair']
+__all__ = ['DET_BASE', 'SEG_BASE', 'CLS_BASE', 'REFCONV_OVERRIDES', 'REFCONV_MODEL_OVERRIDE',
+           'refconv_model_override', 'det_cpu_text', 'write_config_pair']
 
 DET_BASE = 'mmdet::retinanet/retinanet_r18_fpn_1x_coco.py'
 SEG_BASE = 'mmseg::fcn/fcn_r18-d8_4xb2-80k_cityscapes-512x1024.py'
+CLS_BASE = 'mmpretrain::resnet/resnet18_8xb32_in1k.py'
 
 # Which modules of each model family get conv_cfg=dict(type='RefConv') (the "one line").
 REFCONV_OVERRIDES = {
@@ -24,7 +26,23 @@ REFCONV_OVERRIDES = {
     'faster-rcnn': "dict(backbone=dict(conv_cfg=refconv), neck=dict(conv_cfg=refconv))",
     'seg': "dict(backbone=dict(conv_cfg=refconv), decode_head=dict(conv_cfg=refconv), "
            "auxiliary_head=dict(conv_cfg=refconv))",
+    'cls': "dict(backbone=dict(conv_cfg=refconv))",
 }
+
+
+def refconv_model_override(**options) -> str:
+    """The whole-model route's ``model = ...`` override (any task), for write_config_pair.
+
+    Args:
+        **options: ``RefConvModel`` options (``include``, ``exclude``, ``spatial_only``,
+            ``map_k``, ``init``), written into the dict literal.
+    """
+    extra = ''.join(f', {k}={v!r}' for k, v in options.items())
+    return f"dict(_delete_=True, type='RefConvModel', model=_base_.model{extra})"
+
+
+# The whole-model route with the default options: pass as ``override`` to write_config_pair.
+REFCONV_MODEL_OVERRIDE = refconv_model_override()
 
 
 def det_cpu_text(width: int = 256, scratch: bool = True) -> str:
@@ -119,6 +137,41 @@ data_preprocessor = dict(size=crop_size)
 '''
 
 
+def _cls_body(data_root: str, size: int, batch: int) -> str:
+    # Annotation-file layout of make_classification_set: labels follow CLASSES' order.
+    return f'''
+data_root = {data_root!r}
+dataset_type = 'CustomDataset'
+metainfo = dict(classes={CLASSES!r})
+data_preprocessor = dict(num_classes={len(CLASSES)})
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=({size}, {size})),
+    dict(type='RandomFlip', prob=0.5, direction='horizontal'),
+    dict(type='PackInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=({size}, {size})),
+    dict(type='PackInputs'),
+]
+train_dataloader = dict(
+    batch_size={batch}, num_workers=0, persistent_workers=False,
+    sampler=dict(type='InfiniteSampler', shuffle=True),
+    dataset=dict(_delete_=True, type=dataset_type, data_root=data_root, metainfo=metainfo,
+                 ann_file='meta/train.txt', data_prefix='train', pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size={batch}, num_workers=0, persistent_workers=False,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(_delete_=True, type=dataset_type, data_root=data_root, metainfo=metainfo,
+                 ann_file='meta/val.txt', data_prefix='val', pipeline=test_pipeline))
+test_dataloader = val_dataloader
+# top-5 is undefined with {len(CLASSES)} classes
+val_evaluator = dict(type='Accuracy', topk=(1, ))
+test_evaluator = val_evaluator
+'''
+
+
 def _schedule(iters: int, optimizer: dict, val_interval: Optional[int], ckpt_interval: int,
               log_interval: int) -> str:
     val_interval = val_interval or iters
@@ -156,11 +209,15 @@ def write_config_pair(work_dir: str, data_root: str, task: str = 'det',
     """Write ``baseline.py`` and ``refconv.py`` for the shapes data into ``work_dir``.
 
     Args:
-        task: ``'det'`` (COCO-format set, :data:`DET_BASE`) or ``'seg'`` (:data:`SEG_BASE`).
-        base: The installed config to adapt (``'mmdet::...'``/``'mmseg::...'``).
+        task: ``'det'`` (COCO-format set, :data:`DET_BASE`), ``'seg'`` (:data:`SEG_BASE`) or
+            ``'cls'`` (:func:`make_classification_set`'s set, :data:`CLS_BASE`).
+        base: The installed config to adapt (``'mmdet::...'``/``'mmseg::...'``/
+            ``'mmpretrain::...'``).
         lr, optimizer: The optimizer config without ``lr`` (default SGD, momentum 0.9,
             weight decay 1e-4) and its lr; ``refocus_lr`` overrides the lr in ``refconv.py``.
-        override: The RefConv ``model = ...`` override (a dict literal using ``refconv``).
+        override: The RefConv ``model = ...`` override (a dict literal using ``refconv``;
+            default :data:`REFCONV_OVERRIDES` of the task; :data:`REFCONV_MODEL_OVERRIDE`
+            for the whole-model route).
         load_from: The trained checkpoint the RefConv config starts from.
         extra, refconv_extra: Config text appended to ``baseline.py`` / ``refconv.py``.
 
@@ -168,7 +225,9 @@ def write_config_pair(work_dir: str, data_root: str, task: str = 'det',
         ``{'baseline': path, 'refconv': path}``.
     """
     os.makedirs(work_dir, exist_ok=True)
-    base = base or (DET_BASE if task == 'det' else SEG_BASE)
+    if task not in ('det', 'seg', 'cls'):
+        raise ValueError(f"task={task!r} must be 'det', 'seg' or 'cls'")
+    base = base or dict(det=DET_BASE, seg=SEG_BASE, cls=CLS_BASE)[task]
     ckpt_interval = ckpt_interval or iters
     optimizer = dict(optimizer or dict(type='SGD', momentum=0.9, weight_decay=1e-4), lr=lr)
     if task == 'det':
@@ -189,7 +248,10 @@ def write_config_pair(work_dir: str, data_root: str, task: str = 'det',
             f'auxiliary_head=dict(num_classes={n}, norm_cfg=norm_cfg))\n')
         override = override or REFCONV_OVERRIDES['seg']
     else:
-        raise ValueError(f"task={task!r} must be 'det' or 'seg'")
+        n = len(CLASSES)
+        body = _cls_body(data_root, size, batch) + (
+            f'model = dict(head=dict(num_classes={n}, topk=(1, )))\n')
+        override = override or REFCONV_OVERRIDES['cls']
     baseline = (f'# ORIGINAL config: {base} on the generated shapes data.\n'
                 f'_base_ = {base!r}\n' + body +
                 _schedule(iters, optimizer, val_interval, ckpt_interval, log_interval) + extra)

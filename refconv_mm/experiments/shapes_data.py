@@ -2,6 +2,8 @@
 
 Detection: COCO-format json + images. Segmentation: mmseg's folder layout
 (``img_dir/{train,val}``, ``ann_dir/{train,val}``, label 0 = background).
+Classification: mmpretrain's ``CustomDataset`` layouts (one folder per class, and
+annotation files ``meta/{train,val}.txt``), one shape per image.
 Images are noisy textured backgrounds with filled rectangles, ellipses and
 triangles of three classes; the same seed always writes the same files.
 """
@@ -12,9 +14,23 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-__all__ = ['CLASSES', 'make_detection_set', 'make_segmentation_set']
+__all__ = ['CLASSES', 'make_detection_set', 'make_segmentation_set', 'make_classification_set']
 
 CLASSES = ('rectangle', 'ellipse', 'triangle')
+
+
+def _shape_mask(size: int, cls: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+    """Boolean mask of one filled shape of class ``cls`` in the box ``(x0, y0, w, h)``."""
+    import cv2
+    mask = np.zeros((size, size), np.uint8)
+    if cls == 0:
+        cv2.rectangle(mask, (x0, y0), (x0 + w - 1, y0 + h - 1), 1, -1)
+    elif cls == 1:
+        cv2.ellipse(mask, (x0 + w // 2, y0 + h // 2), (w // 2, h // 2), 0, 0, 360, 1, -1)
+    else:
+        pts = np.array([[x0 + w // 2, y0], [x0, y0 + h - 1], [x0 + w - 1, y0 + h - 1]])
+        cv2.fillPoly(mask, [pts.astype(np.int32)], 1)
+    return mask.astype(bool)
 
 
 def _scene(rng: np.random.Generator, size: int, max_objects: int):
@@ -29,15 +45,7 @@ def _scene(rng: np.random.Generator, size: int, max_objects: int):
         w, h = (int(v) for v in rng.integers(size // 6, size // 2.5, 2))
         x0, y0 = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
         color = tuple(int(c) for c in rng.integers(120, 256, 3))
-        mask = np.zeros((size, size), np.uint8)
-        if cls == 0:
-            cv2.rectangle(mask, (x0, y0), (x0 + w - 1, y0 + h - 1), 1, -1)
-        elif cls == 1:
-            cv2.ellipse(mask, (x0 + w // 2, y0 + h // 2), (w // 2, h // 2), 0, 0, 360, 1, -1)
-        else:
-            pts = np.array([[x0 + w // 2, y0], [x0, y0 + h - 1], [x0 + w - 1, y0 + h - 1]])
-            cv2.fillPoly(mask, [pts.astype(np.int32)], 1)
-        m = mask.astype(bool)
+        m = _shape_mask(size, cls, x0, y0, w, h)
         img[m] = color
         label[m] = cls + 1
         for o in objects:  # later shapes occlude earlier ones
@@ -108,3 +116,51 @@ def make_segmentation_set(root: str, num_train: int = 48, num_val: int = 16, siz
 def seg_classes() -> Tuple[str, ...]:
     """Class names of the segmentation set (background first)."""
     return ('background', ) + CLASSES
+
+
+def _single_shape(rng: np.random.Generator, size: int, cls: int) -> np.ndarray:
+    """One image holding one large shape of class ``cls`` on a noisy background."""
+    import cv2
+    img = rng.integers(40, 90, (size, size, 3), dtype=np.uint8)
+    img = cv2.GaussianBlur(img, (5, 5), 0)
+    # Large enough (>= 40% of the side) that the shape survives a small network's downsampling.
+    w, h = (int(v) for v in rng.integers(max(4, size * 2 // 5), max(5, size * 4 // 5), 2))
+    x0, y0 = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+    img[_shape_mask(size, cls, x0, y0, w, h)] = tuple(int(c) for c in rng.integers(120, 256, 3))
+    noise = rng.normal(0, 6, img.shape)
+    return np.clip(img.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+
+
+def make_classification_set(root: str, num_train: int = 48, num_val: int = 24, size: int = 64,
+                            seed: int = 0) -> Dict[str, object]:
+    """Write a shapes classification set (one shape per image) under ``root``.
+
+    Layout (both of mmpretrain ``CustomDataset``'s layouts over the same files)::
+
+        root/{train,val}/<class name>/<split>_<i>.png   # folder layout
+        root/meta/{train,val}.txt                       # "<class name>/<file> <label>" lines
+
+    Labels are indices into :data:`CLASSES`; classes take turns, so the splits are balanced.
+    With the annotation files and ``metainfo=dict(classes=CLASSES)`` the labels are
+    :data:`CLASSES`' order; the folder layout alone sorts the class names alphabetically.
+
+    Returns:
+        ``{'data_root', 'classes', 'train_ann', 'val_ann', 'train_prefix', 'val_prefix'}``
+        (annotation files and prefixes relative to ``data_root``, as mmpretrain configs expect).
+    """
+    rng = np.random.default_rng(seed + 2000)
+    out: Dict[str, object] = dict(data_root=root, classes=CLASSES)
+    os.makedirs(osp.join(root, 'meta'), exist_ok=True)
+    for split, n in (('train', num_train), ('val', num_val)):
+        lines = []
+        for i in range(n):
+            cls = i % len(CLASSES)
+            rel = f'{CLASSES[cls]}/{split}_{i:04d}.png'
+            _write_png(osp.join(root, split, rel), _single_shape(rng, size, cls)[:, :, ::-1])
+            lines.append(f'{rel} {cls}\n')
+        ann = osp.join('meta', f'{split}.txt')
+        with open(osp.join(root, ann), 'w') as f:
+            f.writelines(lines)
+        out[f'{split}_ann'] = ann
+        out[f'{split}_prefix'] = split
+    return out
