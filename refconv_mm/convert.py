@@ -135,6 +135,13 @@ def convert_to_refconv(model: nn.Module,
             continue
         selected[name] = m
     _check_supported(selected)
+    # A conv shared by a selected and an unselected parent cannot both stay tied and stay plain.
+    split = sorted({n for n, m in modules.items()
+                    if n and n not in selected and any(m is c for c in selected.values())})
+    if split:
+        raise ValueError(f'convert_to_refconv: {split[0]!r} is the same conv as a selected module '
+                         'but is not selected itself (a shared conv); select or exclude all '
+                         'names it has, or converting it would untie the shared weights.')
     if not selected:
         raise ValueError('convert_to_refconv: no 2-D conv to convert'
                          + (f' (include={include!r}, exclude={exclude!r}, '

@@ -69,6 +69,10 @@ def max_output_diff(model_a: nn.Module, model_b: nn.Module, size=(128, 128),
     a, b = outs
     if len(a) != len(b) or not a:
         raise RuntimeError(f'models returned {len(a)} and {len(b)} tensors; cannot compare')
-    diff = max((ta - tb).abs().max().item() for ta, tb in zip(a, b))
-    scale = max(tb.abs().max().item() for tb in b)
+    shapes = [(tuple(ta.shape), tuple(tb.shape)) for ta, tb in zip(a, b) if ta.shape != tb.shape]
+    if shapes:  # broadcasting would compare unrelated outputs
+        raise RuntimeError(f'models returned outputs of different shapes, e.g. {shapes[0]}')
+    pairs = [(ta, tb) for ta, tb in zip(a, b) if tb.numel()]
+    diff = max(((ta - tb).abs().max().item() for ta, tb in pairs), default=0.0)
+    scale = max((tb.abs().max().item() for _, tb in pairs), default=0.0)
     return diff, scale

@@ -61,3 +61,30 @@ def test_plain_config_unwraps_the_model(tmp_path):
     assert plain.model.data_preprocessor.num_classes == 7
     init_default_scope('mmpretrain')
     assert not any(isinstance(m, RefConv2d) for m in MODELS.build(plain.model).modules())
+
+
+def test_partly_selected_shared_conv_is_refused():
+    """Selecting one name of a shared conv would untie it from the other: a clear error."""
+    shared = torch.nn.Conv2d(3, 3, 3)
+    model = torch.nn.ModuleDict(dict(a=torch.nn.Sequential(shared), b=torch.nn.Sequential(shared)))
+    with pytest.raises(ValueError, match=r"'b\.0' is the same conv as a selected module"):
+        refconv_mm.convert_to_refconv(model, exclude='b')
+    assert type(model['a'][0]) is torch.nn.Conv2d  # nothing converted
+    refconv_mm.convert_to_refconv(model, include=['a', 'b'])
+    assert isinstance(model['a'][0], RefConv2d) and model['a'][0] is model['b'][0]
+
+
+def test_max_output_diff_refuses_different_shapes():
+    from refconv_mm.verify import max_output_diff
+
+    class Out(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.n = n
+
+        def forward(self, x, samples, mode):
+            return torch.ones(self.n, 4)
+
+    with pytest.raises(RuntimeError, match='different shapes'):
+        max_output_diff(Out(1), Out(5))
+    assert max_output_diff(Out(2), Out(2)) == (0.0, 1.0)

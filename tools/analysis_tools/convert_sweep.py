@@ -9,7 +9,8 @@
 For each config (the ``.mim/configs`` folders of the installed packages, ``_base_`` skipped;
 by default the first ``--per-family`` configs of every config folder, shortest file name first),
 the model is built plainly (``init_cfg`` and ``pretrained`` removed, default scope set, network
-refused, test-time RPN proposals capped at ``--rpn-proposals``) and then:
+refused, test-time RPN proposals capped at ``--rpn-proposals``), initialised by its own
+``init_weights`` (no checkpoint) and then:
 
 * its 2-D convs (``nn.Conv2d`` and subclasses, transposed ones apart) are counted;
 * ``convert_to_refconv`` converts it; a refusal (a Conv2d subclass RefConv cannot reproduce) is
@@ -17,6 +18,8 @@ refused, test-time RPN proposals capped at ``--rpn-proposals``) and then:
 * the zero-init RefConv model's raw outputs (``mode='tensor'``, one seeded random image of
   ``--size``, else ``--fallback-size``) must equal the plain model's (bitwise expected;
   tolerance 1e-6 * max(1, scale)); a model that cannot run a tensor forward records why;
+* RefConv layers that forward never calls are listed (auxiliary heads, EMA teachers, or convs
+  whose parent reads ``.weight`` directly and so ignores their refocusing);
 * with small random refocusing weights, ``merge_state_dict`` and ``merge_refconv`` must give
   back exactly the plain model's state-dict keys, shapes and conv classes, and the merged model
   the RefConv model's outputs (tolerance 1e-5 * min(1, scale) + 1e-5 * scale).
@@ -386,7 +389,7 @@ def check_model(model: nn.Module, rec: Dict[str, Any], sizes: List[int], seed: i
         rec['stage'] = 'zero-init forward'
         ref0_out, idle = outputs_and_idle_refconvs(model, rec['size'], seed)
         if idle:  # a parent reads their .weight (the basis) instead of running them
-            rec['refconv_not_run'] = idle[:10]
+            rec.update(refconv_not_run=idle[:10], refconv_not_run_count=len(idle))
         diff, scale = compare(ref0_out, plain_out)
         ok = diff <= ZERO_RTOL * max(1.0, scale)
         rec['output_check'] = dict(status='equal' if diff == 0 else 'close' if ok else 'differ',
@@ -626,16 +629,21 @@ def summary_markdown(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str
         if rs:
             lines += ['', f'## {title} ({len(rs)})', '']
             lines += [f'- `{osp.basename(r["config"])}` ({r.get("skip_kind", r.get("stage"))}): '
-                      f'{r.get("reason") or ", ".join(r.get("failed_checks", []))}' for r in rs]
+                      f'{r.get("reason") or ", ".join(r.get("failed_checks", []))}'
+                      + (f'; merged diff {r["merge"]["merged_diff"]:.2g} (scale '
+                         f'{r["merge"]["scale"]:.2g})' if 'merged_diff' in r.get('merge', {})
+                         else '')
+                      + (f'; never run: {", ".join(r["refconv_not_run"])}'
+                         if r.get('refconv_not_run') else '') for r in rs]
     idle = [r for r in records if r.get('refconv_not_run')]
     if idle:
         lines += ['', f'## RefConv layers the tensor forward never runs ({len(idle)} configs)', '',
-                  'Converted, but no forward call reached them: unused in `tensor` mode (e.g. '
-                  'an auxiliary head), or their parent reads `.weight` (the basis) directly, '
-                  'so the RefConv model ignores their refocusing and merging changes the '
-                  'output (see `failed_checks`).', '']
-        lines += [f'- `{osp.basename(r["config"])}` ({r["status"]}): '
-                  + ', '.join(f'`{n}`' for n in r['refconv_not_run']) for r in idle]
+                  'Converted, but never called in `tensor` mode: auxiliary heads, EMA teachers, '
+                  'momentum encoders, or convs whose parent reads `.weight` (the basis) instead '
+                  'of running them (see Failed). Configs (layers): '
+                  + ', '.join(f'`{osp.basename(r["config"])}` '
+                              f'({r.get("refconv_not_run_count", len(r["refconv_not_run"]))})'
+                              for r in idle) + '.']
     skipped_out = [r for r in records if r.get('output_check', {}).get('status') == 'skipped']
     if skipped_out:
         lines += ['', f'## Output check skipped ({len(skipped_out)})', '']
