@@ -63,7 +63,8 @@ def refocus_kernel(basis: torch.Tensor, refocus_weight: torch.Tensor) -> torch.T
         raise ValueError(f'RefConv: refocus weight of shape {tuple(refocus_weight.shape)} does not '
                          f'fit a basis of shape {tuple(basis.shape)} (expected {cout * cin_g} '
                          '2-D kernels in dim 0).')
-    refocus_weight = refocus_weight.to(basis.dtype)
+    if refocus_weight.dtype != basis.dtype:  # e.g. AMP: the kernel takes the basis' dtype
+        refocus_weight = refocus_weight.to(basis.dtype)
     if g == 1:
         if mh == mw == 1:  # one scale per kernel: a product, not a conv with N groups
             return torch.addcmul(basis, basis, refocus_weight.view(cout, cin_g, 1, 1))

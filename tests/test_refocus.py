@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from refconv_mm import RefConv2d
-from refconv_mm.refocus import refocus_kernel, refocus_map_size
+from refconv_mm.refocus import refocus_kernel, refocus_map_size, refocus_weight_shape
 
 
 def reference_kernel(basis: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -121,6 +121,24 @@ def test_refocused_backward_matches_autograd(basis_trainable):
                                             g).square().sum(), params)
         for a, b in zip(fast, slow):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize('groups,k', [(1, 1), (1, 3), (4, 3)])
+def test_refocus_kernel_casts_weights_to_the_basis_dtype(groups, k):
+    # Mixed precision: a bf16 basis with fp32 refocusing weights gives a bf16 kernel and an
+    # fp32 gradient; equal dtypes take the same path with no cast.
+    torch.manual_seed(0)
+    basis = torch.randn(8, 8 // groups, k, k)
+    r = torch.randn(refocus_weight_shape(8, 8, groups, (k, k), 3), requires_grad=True)
+    kernel = refocus_kernel(basis.bfloat16(), r)
+    assert kernel.dtype == torch.bfloat16
+    want = refocus_kernel(basis.bfloat16(), r.detach().bfloat16())
+    torch.testing.assert_close(kernel, want)
+    kernel.float().sum().backward()
+    assert r.grad.dtype == torch.float32
+    r32 = r.detach().clone().requires_grad_()
+    refocus_kernel(basis, r32).sum().backward()
+    torch.testing.assert_close(r.grad, r32.grad, rtol=2e-2, atol=2e-2)
 
 
 def test_refocus_kernel_rejects_mismatch():
