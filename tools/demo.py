@@ -9,8 +9,11 @@ to a CPU budget: from-scratch backbone with batch-stat BN, 64-channel FPN/head,
 AdamW; see refconv_mm.experiments.shapes_configs.det_cpu_text), refocus-trains it with the
 one-line RefConv override and RefConvHook, merges with tools/merge_refconv.py,
 evaluates baseline / refocused / merged, prints a table and writes
-training-curve plots. With --config/--checkpoint the baseline
-stage is skipped and your RefConv config is refocus-trained from your checkpoint.
+training-curve plots. Beside them it runs the equal-budget control: the same trained model
+trained further with the ORIGINAL config for the same extra iterations and schedule
+("continued"), so the table never credits RefConv with what more training gives.
+With --config/--checkpoint the baseline stage is skipped and your RefConv config is
+refocus-trained from your checkpoint.
 """
 import argparse
 import json
@@ -45,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument('--refocus-lr', type=float, default=None,
                    help='refocus AdamW learning rate (default: --lr)')
     p.add_argument('--seed', type=int, default=0, help='data and training seed')
+    p.add_argument('--no-control', dest='control', action='store_false',
+                   help='skip the equal-budget "continued" arm (the ORIGINAL config trained '
+                   'further for the refocus budget)')
     p.add_argument('--force', action='store_true', help='reuse/overwrite an existing work dir')
     p.add_argument('--cfg-options', nargs='+', default=[],
                    help='passed to every training/test run (key=value)')
@@ -121,11 +127,12 @@ def plot_curves(out: str, curves: dict, metrics: dict, metric_key: str) -> None:
         a.axvline(offset, color='gray', ls='--', lw=1)
     a.set_xlabel('iteration')
     a.set_ylabel('training loss')
-    a.set_title('Training curves (refocus training starts at the dashed line)')
+    a.set_title('Training curves (continued / refocus training start at the dashed line)')
     a.legend()
     names = list(metrics)
     vals = [metrics[n].get(metric_key, float('nan')) for n in names]
-    b.bar(names, vals, color=['#888', '#2a7', '#27a'][:len(names)])
+    colors = dict(baseline='#888', continued='#c84', refocused='#2a7', merged='#27a')
+    b.bar(names, vals, color=[colors.get(n, '#555') for n in names])
     for i, v in enumerate(vals):
         b.text(i, v, f'{v:.4f}', ha='center', va='bottom')
     b.set_title(metric_key)
@@ -146,7 +153,7 @@ def main(argv=None) -> int:
                          'and the trained checkpoint it starts from)')
     t0 = time.perf_counter()
     opts = ['--cfg-options', f'randomness.seed={args.seed}', *args.cfg_options]
-    n_stages = 5 if args.config else 6
+    n_stages = (5 if args.config else 6) + int(args.control)
     k = 0
     times = {}
 
@@ -186,6 +193,22 @@ def main(argv=None) -> int:
                                 osp.join(work, 'baseline.log'))
         base_ckpt = last_checkpoint(osp.join(work, 'baseline'))
 
+    if args.control:
+        # The equal-budget control: the refocus config minus RefConv is the ORIGINAL config
+        # with the refocus stage's iterations, schedule and lr.
+        from mmengine.config import Config
+
+        import refconv_mm  # noqa: F401
+        from refconv_mm.config import plain_config
+        continued_cfg = osp.join(work, 'continued_config.py')
+        plain_config(Config.fromfile(refconv_cfg)).dump(continued_cfg)
+        next_stage(f'equal-budget control: training {osp.basename(base_ckpt)} further with the '
+                   'ORIGINAL config (same extra iterations, schedule and lr as refocusing)')
+        times['continued'] = run(['tools/train.py', continued_cfg, '--work-dir',
+                                  osp.join(work, 'continued'), *opts, f'load_from={base_ckpt}'],
+                                 osp.join(work, 'continued.log'))
+        cont_ckpt = last_checkpoint(osp.join(work, 'continued'))
+
     next_stage(f'refocus training with RefConv from {osp.basename(base_ckpt)}')
     times['refocus'] = run(['tools/train.py', refconv_cfg, '--work-dir',
                             osp.join(work, 'refocus'), *opts, f'load_from={base_ckpt}'],
@@ -197,11 +220,13 @@ def main(argv=None) -> int:
     run(['tools/merge_refconv.py', refconv_cfg, ref_ckpt, merged, '--verify', '--force',
          '--out-config', osp.join(work, 'merged_config.py')], osp.join(work, 'merge.log'))
 
-    next_stage('evaluating baseline, refocused and merged models')
+    arms = [('baseline', baseline_cfg, base_ckpt), ('refocused', refconv_cfg, ref_ckpt),
+            ('merged', baseline_cfg, merged)]
+    if args.control:
+        arms.insert(1, ('continued', continued_cfg, cont_ckpt))
+    next_stage('evaluating ' + ', '.join(a[0] for a in arms) + ' models')
     metrics = {}
-    for name, cfg, ckpt in (('baseline', baseline_cfg, base_ckpt),
-                            ('refocused', refconv_cfg, ref_ckpt),
-                            ('merged', baseline_cfg, merged)):
+    for name, cfg, ckpt in arms:
         d = osp.join(work, f'test_{name}')
         extra = ['--cfg-options', *args.cfg_options] if args.cfg_options else []
         run(['tools/test.py', cfg, ckpt, '--work-dir', d, *extra],
@@ -215,22 +240,35 @@ def main(argv=None) -> int:
     infer = dict(plain=time_inference(baseline_cfg, base_ckpt),
                  refocused=time_inference(refconv_cfg, ref_ckpt),
                  merged=time_inference(baseline_cfg, merged))
-    rows = [
-        ('metric ' + key, *(f"{metrics[n].get(key, float('nan')):.4f}"
-                            for n in ('baseline', 'refocused', 'merged'))),
-        ('training wall time (s)', f"{times.get('baseline', float('nan')):.0f}",
-         f"{times['refocus']:.0f} (refocus)", '-'),
-        ('parameters (total)', f"{plain_p['total']:,}", f"{ref_p['total']:,}",
-         f"{plain_p['total']:,}"),
-        ('  of which trainable', f"{plain_p['trainable']:,}", f"{ref_p['trainable']:,}", '-'),
-        ('  RefConv basis (frozen) / refocus', '-', f"{ref_p['basis']:,} / {ref_p['refocus']:,}",
-         '-'),
-        ('inference, 1x128x128 (ms, median)', f"{infer['plain']:.1f}",
-         f"{infer['refocused']:.1f} (unmerged)", f"{infer['merged']:.1f}"),
-    ]
-    table = ['| | baseline (ORIGINAL config) | refocused (RefConv) | merged (ORIGINAL config) |',
-             '| --- | --- | --- | --- |'] + ['| ' + ' | '.join(r) + ' |' for r in rows]
+    from mmengine.config import Config
+    extra_iters = Config.fromfile(refconv_cfg).get('train_cfg', {}).get('max_iters', '')
+    budget = f', +{extra_iters} it' if extra_iters else ''
+    cols = dict(baseline='baseline (ORIGINAL config)',
+                continued=f'continued (ORIGINAL config{budget})',
+                refocused=f'refocused (RefConv{budget})', merged='merged (ORIGINAL config)')
+    names = [a[0] for a in arms]
+    cells = dict(
+        metric={n: f"{metrics[n].get(key, float('nan')):.4f}" for n in names},
+        time=dict(baseline=f"{times.get('baseline', float('nan')):.0f}",
+                  continued=f"{times.get('continued', float('nan')):.0f} (extra)",
+                  refocused=f"{times['refocus']:.0f} (refocus)"),
+        total=dict(baseline=f"{plain_p['total']:,}", continued=f"{plain_p['total']:,}",
+                   refocused=f"{ref_p['total']:,}", merged=f"{plain_p['total']:,}"),
+        trainable=dict(baseline=f"{plain_p['trainable']:,}",
+                       continued=f"{plain_p['trainable']:,}", refocused=f"{ref_p['trainable']:,}"),
+        split=dict(refocused=f"{ref_p['basis']:,} / {ref_p['refocus']:,}"),
+        infer=dict(baseline=f"{infer['plain']:.1f}", refocused=f"{infer['refocused']:.1f} "
+                   '(unmerged)', merged=f"{infer['merged']:.1f}"))
+    labels = dict(metric='metric ' + key, time='training wall time (s)',
+                  total='parameters (total)', trainable='  of which trainable',
+                  split='  RefConv basis (frozen) / refocus',
+                  infer='inference, 1x128x128 (ms, median)')
+    rows = [(labels[r], *(cells[r].get(n, '-') for n in names)) for r in labels]
+    table = ['| | ' + ' | '.join(cols[n] for n in names) + ' |',
+             '| --- ' * (len(names) + 1) + '|'] + ['| ' + ' | '.join(r) + ' |' for r in rows]
     curves = {'baseline': train_curve(osp.join(work, 'baseline'))} if not args.config else {}
+    if args.control:
+        curves['continued (ORIGINAL config)'] = train_curve(osp.join(work, 'continued'))
     curves['refocus (RefConv)'] = train_curve(osp.join(work, 'refocus'))
     plot = osp.join(work, 'training_curves.png')
     plot_curves(plot, curves, metrics, key)
@@ -238,8 +276,7 @@ def main(argv=None) -> int:
         f.write('\n'.join(table) + '\n')
     with open(osp.join(work, 'summary.json'), 'w') as f:
         json.dump(dict(metrics=metrics, times=times, params=dict(plain=plain_p, refconv=ref_p),
-                       inference_ms=infer, checkpoints=dict(baseline=base_ckpt, refocused=ref_ckpt,
-                                                            merged=merged)), f, indent=2)
+                       inference_ms=infer, checkpoints={a[0]: a[2] for a in arms}), f, indent=2)
     print('\n' + '\n'.join(table))
     print(f'\nDone in {time.perf_counter() - t0:.0f} s. Outputs in {work}:')
     print(f'  summary.md / summary.json   the table above\n  training_curves.png         '

@@ -467,7 +467,7 @@ def plot(results: Dict[str, Dict[str, object]], path: str) -> None:
         ax.set_yticks(range(len(arms)))
         ax.set_yticklabels([a.replace('zero_lr', 'zero_vs_continue_lr') for a in arms])
         ax.set_xlabel(f"minus continued training ({res['metric'][1]})")
-        ax.set_title(f'{task}: refocus arm - continue, same lr (95% CI)')
+        ax.set_title(f'{task}: arm - continued training (95% CI)')
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
