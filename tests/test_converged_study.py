@@ -82,11 +82,11 @@ def test_write_digit_set(tmp_path, mnist_cache):
 
 
 def test_digits_backbone_has_every_conv_kind():
-    from mmpretrain.registry import MODELS
+    from refconv_mm import RefConv2d, convert_to_refconv
+    from refconv_mm.experiments.digits_model import MobileNetV3Digits
 
-    from refconv_mm import convert_to_refconv
-    import refconv_mm.experiments.digits_model  # noqa: F401
-    net = MODELS.build(dict(type='MobileNetV3Digits', arch='digits', out_indices=(7, )))
+    # the class itself: a registry lookup would depend on the default scope earlier tests left
+    net = MobileNetV3Digits(arch='digits', out_indices=(7, ))
     out = net(torch.randn(2, 3, 32, 32))
     assert out[-1].shape == (2, 144, 4, 4)  # stride 8: a 4x4 map from 32x32
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -94,11 +94,12 @@ def test_digits_backbone_has_every_conv_kind():
              for c in convs}
     assert kinds == {'dw', '1x1', 'regular'}
     # SE convs ignore conv_cfg: the whole-model route converts more layers than conv_cfg
+    from mmpretrain.registry import MODELS
+    assert MODELS.get('MobileNetV3Digits') is MobileNetV3Digits  # registered for configs
     se = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d) and '.se.' in n]
     assert se
-    conv_cfg_net = MODELS.build(dict(type='MobileNetV3Digits', arch='digits', out_indices=(7, ),
-                                     conv_cfg=dict(type='RefConv')))
-    from refconv_mm import RefConv2d
+    conv_cfg_net = MobileNetV3Digits(arch='digits', out_indices=(7, ),
+                                     conv_cfg=dict(type='RefConv'))
     n_cfg = sum(isinstance(m, RefConv2d) for m in conv_cfg_net.modules())
     n_whole = sum(isinstance(m, RefConv2d) for m in convert_to_refconv(net).modules())
     assert n_whole == n_cfg + len(se)
