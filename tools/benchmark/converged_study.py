@@ -442,7 +442,7 @@ def plot(results: Dict[str, Dict[str, object]], path: str) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     tasks = list(results)
-    fig, axes = plt.subplots(2, len(tasks), figsize=(4.6 * len(tasks), 7.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5.2 * len(tasks), 8), squeeze=False)
     for i, task in enumerate(tasks):
         res = results[task]
         ax = axes[0][i]
@@ -467,7 +467,7 @@ def plot(results: Dict[str, Dict[str, object]], path: str) -> None:
         ax.set_yticks(range(len(arms)))
         ax.set_yticklabels([a.replace('zero_lr', 'zero_vs_continue_lr') for a in arms])
         ax.set_xlabel(f"minus continued training ({res['metric'][1]})")
-        ax.set_title(f'{task}: arm - continued training (95% CI)')
+        ax.set_title(f'{task}: arm minus continued training\n(paired by seed, 95% CI)')
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
