@@ -308,18 +308,17 @@ def run_one(config: str, work_dir: str, load_from: Optional[str], seed: int,
         cfg.default_hooks.checkpoint = None
     t = time.time()
     runner = Runner.from_cfg(cfg)
-    loss, ckpt = None, load_from
+    loss, ckpt = None, load_from  # a test-only run reports the checkpoint it tested
     if train:
         runner.train()
         loss = runner.message_hub.get_scalar('train/loss').current()
+        ckpt = None
+        if keep_checkpoint:
+            with open(osp.join(work_dir, 'last_checkpoint')) as f:
+                ckpt = f.read().strip()
     train_s = time.time() - t if train else 0.0
     layers = refconv_summary(runner.model)['layers']
     metrics = runner.test()
-    if train and keep_checkpoint:
-        with open(osp.join(work_dir, 'last_checkpoint')) as f:
-            ckpt = f.read().strip()
-    elif train:
-        ckpt = None
     res = dict(key=key, metric=float(metrics[metric]), train_s=train_s, final_train_loss=loss,
                refconv_layers=layers, seed=seed, load_from=load_from, checkpoint=ckpt,
                config=config)
