@@ -1,6 +1,7 @@
 """RefConv: a drop-in ``nn.Conv2d`` whose kernel is refocused from a frozen basis."""
 import inspect
 import math
+import weakref
 from typing import Optional, Tuple, Type, Union
 
 import torch
@@ -17,6 +18,12 @@ __all__ = ['RefConv2d', 'RefConv2dAdaptivePadding', 'RefConvWS2d', 'build_refcon
 
 _IntOrPair = Union[int, Tuple[int, int]]
 INIT_MODES = ('zero', 'official')
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. activation checkpointing's recompute)."""
+    graph_task_id = getattr(torch._C, '_current_graph_task_id', None)
+    return graph_task_id is None or graph_task_id() != -1  # unknown torch: assume the worst
 
 
 def _refuse_onnx_export() -> None:
@@ -55,6 +62,12 @@ class RefConv2d(nn.Conv2d):
 
     ``plain_type`` is the plain conv class that merging gives back: ``nn.Conv2d``,
     or the class :func:`refconv_mm.convert_to_refconv` replaced.
+
+    A layer called several times per training step (a head shared by the FPN levels)
+    computes its kernel once per step and every call uses that one autograd node, so the
+    transform's forward and gradient run once, not once per call
+    (:meth:`training_kernel`). Frozen layers reuse the no-grad kernel until their
+    weights change.
     """
 
     plain_type: Type[nn.Conv2d] = nn.Conv2d
@@ -99,6 +112,7 @@ class RefConv2d(nn.Conv2d):
             self.bias.requires_grad_(False)
         self.basis_loaded = False
         self._kernel_cache: Optional[Tuple[tuple, torch.Tensor]] = None
+        self._reset_step_sharing()
         self.init_weights()
 
     # -- initialisation -------------------------------------------------
@@ -139,9 +153,40 @@ class RefConv2d(nn.Conv2d):
                 self._kernel_cache = (key, self.refocused_kernel())
         return self._kernel_cache[1]
 
+    def _reset_step_sharing(self) -> None:
+        # (weight key, kernel, calls left) while later calls of this step will reuse the kernel
+        self._step_kernel: Optional[Tuple[tuple, torch.Tensor, int]] = None
+        self._calls = 0  # grad-tracked calls since backward last reached one of its kernels
+        self._calls_per_step = 1  # learnt from the previous backward; 1 = share nothing
+
+    def training_kernel(self) -> torch.Tensor:
+        """The autograd-tracked kernel for a call under grad, shared by the calls of a step.
+
+        The number of calls per step is learnt from the previous backward (the first
+        step computes a kernel per call). The kernel is held only until the step's last
+        call, and never reused once backward has reached it (gradient accumulation, a
+        second forward) or while a backward runs (activation checkpointing recomputes).
+        """
+        if _in_backward():
+            return self.refocused_kernel()
+        self._calls += 1
+        key = self._cache_key()
+        entry = self._step_kernel
+        if entry is not None and entry[0] == key:
+            _, kernel, left = entry
+            self._step_kernel = (key, kernel, left - 1) if left > 1 else None
+            return kernel
+        kernel = self.refocused_kernel()
+        if kernel.grad_fn is not None:
+            kernel.grad_fn.register_prehook(_step_end_hook(self))
+            if self._calls_per_step > 1:
+                self._step_kernel = (key, kernel, self._calls_per_step - 1)
+        return kernel
+
     def train(self, mode: bool = True) -> 'RefConv2d':
         if mode:
-            self._kernel_cache = None  # a training kernel is never cached: free the eval one
+            self._kernel_cache = None  # the eval kernel is not needed in training: free it
+        self._step_kernel = None
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,11 +197,11 @@ class RefConv2d(nn.Conv2d):
             padding = 0
         needs_grad = torch.is_grad_enabled() and (self.refocus_weight.requires_grad
                                                   or self.weight.requires_grad)
-        if not needs_grad and not self.training:
+        if not needs_grad:  # eval, or a frozen layer in training: nothing for autograd
             return F.conv2d(x, self.eval_kernel(), self.bias, self.stride, padding,
                             self.dilation, self.groups)
         return refocused_conv2d(x, self.weight, self.refocus_weight, self.bias, self.stride,
-                                padding, self.dilation, self.groups)
+                                padding, self.dilation, self.groups, self.training_kernel())
 
     def make_plain(self) -> nn.Conv2d:
         """An empty conv of ``plain_type`` with this layer's geometry, device and dtype."""
@@ -168,9 +213,29 @@ class RefConv2d(nn.Conv2d):
     def extra_repr(self) -> str:
         return super().extra_repr() + f', map_k={self.map_k}, init={self.init}'
 
+    def __getstate__(self) -> dict:
+        # A held training kernel carries its autograd graph, which cannot be copied.
+        state = super().__getstate__()
+        return dict(state, _kernel_cache=None, _step_kernel=None)
+
     def __setstate__(self, state):
         super().__setstate__(state)
         self._kernel_cache = None
+        if '_calls' not in state:  # pickled by a refconv_mm without step sharing
+            self._reset_step_sharing()
+
+
+def _step_end_hook(layer: RefConv2d):
+    """A pre-hook for a training kernel's autograd node: backward reached it, the step ended."""
+    ref = weakref.ref(layer)  # the graph must not keep the layer alive
+
+    def hook(grad_outputs):
+        m = ref()
+        if m is not None:
+            if m._calls:  # the first of this backward's kernels: the step's call count
+                m._calls_per_step, m._calls = m._calls, 0
+            m._step_kernel = None  # its graph is being consumed: never hand it out again
+    return hook
 
 
 class RefConv2dAdaptivePadding(RefConv2d):
@@ -214,9 +279,9 @@ class RefConvWS2d(RefConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _refuse_onnx_export()
-        needs_grad = torch.is_grad_enabled() and self.refocus_weight.requires_grad
-        kernel = self.eval_kernel() if not (needs_grad or self.training) else \
-            self.refocused_kernel()
+        needs_grad = torch.is_grad_enabled() and (self.refocus_weight.requires_grad
+                                                  or self.weight.requires_grad)
+        kernel = self.training_kernel() if needs_grad else self.eval_kernel()
         return conv_ws_2d(x, kernel, self.bias, self.stride, self.padding, self.dilation,
                           self.groups, self.eps)
 

@@ -83,15 +83,19 @@ def refocus_kernel(basis: torch.Tensor, refocus_weight: torch.Tensor) -> torch.T
 
 def refocused_conv2d(x: torch.Tensor, basis: torch.Tensor, refocus_weight: torch.Tensor,
                      bias: Optional[torch.Tensor], stride=1, padding=0, dilation=1,
-                     groups: int = 1) -> torch.Tensor:
+                     groups: int = 1, kernel: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.conv2d`` with the kernel ``refocus_kernel(basis, refocus_weight)``, under autograd.
 
     For g=1 the kernel is as large as the refocusing weights, so keeping every layer's
     kernel until backward (the conv saves its weight) would add the model's size to peak
     memory: the conv saves a note instead and the kernel is recomputed when backward needs
     it. For g>1 the kernel is g times smaller than the refocusing weights and is kept.
+
+    ``kernel``, when given, must be ``refocus_kernel(basis, refocus_weight)`` already
+    computed (a layer called several times per step shares one, see ``RefConv2d``).
     """
-    kernel = refocus_kernel(basis, refocus_weight)
+    if kernel is None:
+        kernel = refocus_kernel(basis, refocus_weight)
     if groups > 1 or not (torch.is_grad_enabled() and kernel.requires_grad):
         return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)
     kernel_id = (kernel.data_ptr(), kernel.shape, kernel.dtype)  # no reference kept to it

@@ -9,7 +9,9 @@ For every trainable RefConv of the model ``speed_memory.py`` builds, times
 ``autograd.grad`` to the refocusing weights (the kernel backward needs: recompute + gradient),
 medians over ``--reps``, summed over layers and grouped by kernel size and grouping. A training
 step pays forward + (forward + gradient) for g=1 layers and forward + gradient for g>1 layers,
-on top of what a plain conv costs. Columns:
+on top of what a plain conv costs, once per layer and step: a layer called several times per
+step (RetinaNet's head, on every FPN level) computes one kernel per step (``RefConv2d``), where
+the seed formulation refocuses on every call. Columns:
 
 * ``transform (per layer)``: the sum of per-layer medians, each layer timed ``--reps`` times in a
   row (its data hot in cache): the definition the README used first;
