@@ -69,9 +69,9 @@ SENSITIVITY = ('continue_lr_x0.3', 'zero_lr_x0.3', 'continue_lr_x0.1', 'zero_lr_
 # Each arm is compared with the continued training at the same lr.
 CONTROL = {'zero_lr_x0.3': 'continue_lr_x0.3', 'zero_lr_x0.1': 'continue_lr_x0.1'}
 CLS_BASE = 'mmpretrain::mobilenet_v3/mobilenet-v3-small_8xb128_in1k.py'
-# task -> (metric key in runner.test()'s result, label, scale to percent/points)
+# task -> (metric key in runner.test()'s result, label); every metric is shown in percent
 METRIC = {'digits': ('accuracy/top1', 'accuracy (%)'), 'mnist5k': ('accuracy/top1', 'accuracy (%)'),
-          'seg': ('mIoU', 'mIoU (%)'), 'det': ('coco/bbox_mAP', 'bbox mAP')}
+          'seg': ('mIoU', 'mIoU (%)'), 'det': ('coco/bbox_mAP', 'bbox mAP (%)')}
 MM_TASKS = ('seg', 'det', 'custom')
 _T0 = time.time()
 
@@ -276,6 +276,11 @@ def _run_key(config: str, load_from: Optional[str], seed: int) -> str:
     return h.hexdigest()[:16]
 
 
+def _percent(metric: str, value: float) -> float:
+    """mmdet's COCO metrics are fractions; accuracy and mIoU are percent already."""
+    return value * 100 if metric.startswith('coco/') else value
+
+
 def run_one(config: str, work_dir: str, load_from: Optional[str], seed: int,
             metric: str, keep_checkpoint: bool, key: str, train: bool = True) -> Dict[str, object]:
     """Train ``config`` (one round) with a real Runner and test it; cached in ``work_dir``.
@@ -287,7 +292,7 @@ def run_one(config: str, work_dir: str, load_from: Optional[str], seed: int,
         with open(done) as f:
             res = json.load(f)
         if res.get('key') == key:
-            return res
+            return dict(res, metric=_percent(metric, res['metric']))
     import warnings
     warnings.filterwarnings('ignore')  # one copy of each deprecation warning per run is noise
     import torch
@@ -326,7 +331,7 @@ def run_one(config: str, work_dir: str, load_from: Optional[str], seed: int,
     with open(tmp, 'w') as f:
         json.dump(res, f, indent=1)
     os.replace(tmp, done)  # atomic: an interrupted run is never taken for a finished one
-    return res
+    return dict(res, metric=_percent(metric, res['metric']))
 
 
 class Study:
