@@ -12,7 +12,7 @@ from mmcv.cnn.bricks.conv_ws import ConvWS2d, conv_ws_2d
 from mmengine.registry import MODELS
 from torch.nn.modules.utils import _pair
 
-from .refocus import refocus_kernel, refocus_weight_shape, refocused_conv2d
+from .refocus import KernelRecompute, refocus_kernel, refocus_weight_shape, refocused_conv2d
 
 __all__ = ['RefConv2d', 'RefConv2dAdaptivePadding', 'RefConvWS2d', 'build_refconv']
 
@@ -66,7 +66,7 @@ class RefConv2d(nn.Conv2d):
     A layer called several times per training step (a head shared by the FPN levels)
     computes its kernel once per step and every call uses that one autograd node, so the
     transform's forward and gradient run once, not once per call
-    (:meth:`training_kernel`). Frozen layers reuse the no-grad kernel until their
+    (:meth:`training_kernel`), and backward recomputes it once for all of them. Frozen layers reuse the no-grad kernel until their
     weights change.
     """
 
@@ -154,13 +154,14 @@ class RefConv2d(nn.Conv2d):
         return self._kernel_cache[1]
 
     def _reset_step_sharing(self) -> None:
-        # (weight key, kernel, calls left) while later calls of this step will reuse the kernel
-        self._step_kernel: Optional[Tuple[tuple, torch.Tensor, int]] = None
+        # (weight key, kernel, its recompute, calls left) while later calls of the step reuse it
+        self._step_kernel: Optional[Tuple[tuple, torch.Tensor, KernelRecompute, int]] = None
         self._calls = 0  # grad-tracked calls since backward last reached one of its kernels
         self._calls_per_step = 1  # learnt from the previous backward; 1 = share nothing
 
-    def training_kernel(self) -> torch.Tensor:
-        """The autograd-tracked kernel for a call under grad, shared by the calls of a step.
+    def training_kernel(self) -> Tuple[torch.Tensor, KernelRecompute]:
+        """The autograd-tracked kernel for a call under grad, shared by the calls of a step,
+        and the :class:`KernelRecompute` that all those calls' backward share.
 
         The number of calls per step is learnt from the previous backward (the first
         step computes a kernel per call). The kernel is held only until the step's last
@@ -168,20 +169,21 @@ class RefConv2d(nn.Conv2d):
         second forward) or while a backward runs (activation checkpointing recomputes).
         """
         if _in_backward():
-            return self.refocused_kernel()
+            return self.refocused_kernel(), KernelRecompute(self.weight, self.refocus_weight)
         self._calls += 1
         key = self._cache_key()
         entry = self._step_kernel
         if entry is not None and entry[0] == key:
-            _, kernel, left = entry
-            self._step_kernel = (key, kernel, left - 1) if left > 1 else None
-            return kernel
+            _, kernel, recompute, left = entry
+            self._step_kernel = (key, kernel, recompute, left - 1) if left > 1 else None
+            return kernel, recompute
         kernel = self.refocused_kernel()
+        recompute = KernelRecompute(self.weight, self.refocus_weight)
         if kernel.grad_fn is not None:
             kernel.grad_fn.register_prehook(_step_end_hook(self))
             if self._calls_per_step > 1:
-                self._step_kernel = (key, kernel, self._calls_per_step - 1)
-        return kernel
+                self._step_kernel = (key, kernel, recompute, self._calls_per_step - 1)
+        return kernel, recompute
 
     def train(self, mode: bool = True) -> 'RefConv2d':
         if mode:
@@ -200,8 +202,9 @@ class RefConv2d(nn.Conv2d):
         if not needs_grad:  # eval, or a frozen layer in training: nothing for autograd
             return F.conv2d(x, self.eval_kernel(), self.bias, self.stride, padding,
                             self.dilation, self.groups)
+        kernel, recompute = self.training_kernel()
         return refocused_conv2d(x, self.weight, self.refocus_weight, self.bias, self.stride,
-                                padding, self.dilation, self.groups, self.training_kernel())
+                                padding, self.dilation, self.groups, kernel, recompute)
 
     def make_plain(self) -> nn.Conv2d:
         """An empty conv of ``plain_type`` with this layer's geometry, device and dtype."""
@@ -281,7 +284,7 @@ class RefConvWS2d(RefConv2d):
         _refuse_onnx_export()
         needs_grad = torch.is_grad_enabled() and (self.refocus_weight.requires_grad
                                                   or self.weight.requires_grad)
-        kernel = self.training_kernel() if needs_grad else self.eval_kernel()
+        kernel = self.training_kernel()[0] if needs_grad else self.eval_kernel()
         return conv_ws_2d(x, kernel, self.bias, self.stride, self.padding, self.dilation,
                           self.groups, self.eps)
 

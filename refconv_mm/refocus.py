@@ -16,7 +16,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['refocus_kernel', 'refocus_map_size', 'refocus_weight_shape', 'refocused_conv2d']
+__all__ = ['KernelRecompute', 'refocus_kernel', 'refocus_map_size', 'refocus_weight_shape',
+           'refocused_conv2d']
 
 
 def refocus_map_size(kernel_size: Tuple[int, int], map_k: int) -> Tuple[int, int]:
@@ -81,9 +82,38 @@ def refocus_kernel(basis: torch.Tensor, refocus_weight: torch.Tensor) -> torch.T
     return basis + mixed.view_as(basis)
 
 
+class KernelRecompute:
+    """Recomputes a refocused kernel for backward, once for all the convs that saved it.
+
+    Each conv that saves the kernel registers (:meth:`pack`); the first :meth:`unpack` in
+    backward recomputes it, the others reuse it, and the last one drops it, so a kernel
+    shared by several calls is recomputed once and held only while its convs' backward runs.
+    """
+
+    def __init__(self, basis: torch.Tensor, refocus_weight: torch.Tensor) -> None:
+        self.basis, self.refocus_weight = basis, refocus_weight
+        self.pending = 0
+        self.kernel: Optional[torch.Tensor] = None
+
+    def pack(self) -> None:
+        """A conv saved the kernel (forward)."""
+        self.pending += 1
+
+    def unpack(self) -> torch.Tensor:
+        """The kernel for one conv's backward."""
+        kernel = self.kernel
+        if kernel is None:
+            with torch.no_grad():
+                kernel = refocus_kernel(self.basis, self.refocus_weight)
+        self.pending -= 1  # below zero after a retain_graph backward: recompute, keep nothing
+        self.kernel = kernel if self.pending > 0 else None
+        return kernel
+
+
 def refocused_conv2d(x: torch.Tensor, basis: torch.Tensor, refocus_weight: torch.Tensor,
                      bias: Optional[torch.Tensor], stride=1, padding=0, dilation=1,
-                     groups: int = 1, kernel: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     groups: int = 1, kernel: Optional[torch.Tensor] = None,
+                     recompute: Optional[KernelRecompute] = None) -> torch.Tensor:
     """``F.conv2d`` with the kernel ``refocus_kernel(basis, refocus_weight)``, under autograd.
 
     For g=1 the kernel is as large as the refocusing weights, so keeping every layer's
@@ -92,22 +122,25 @@ def refocused_conv2d(x: torch.Tensor, basis: torch.Tensor, refocus_weight: torch
     it. For g>1 the kernel is g times smaller than the refocusing weights and is kept.
 
     ``kernel``, when given, must be ``refocus_kernel(basis, refocus_weight)`` already
-    computed (a layer called several times per step shares one, see ``RefConv2d``).
+    computed (a layer called several times per step shares one, see ``RefConv2d``), and
+    ``recompute`` the one :class:`KernelRecompute` of every call that uses that kernel.
     """
     if kernel is None:
         kernel = refocus_kernel(basis, refocus_weight)
     if groups > 1 or not (torch.is_grad_enabled() and kernel.requires_grad):
         return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)
     kernel_id = (kernel.data_ptr(), kernel.shape, kernel.dtype)  # no reference kept to it
+    if recompute is None:
+        recompute = KernelRecompute(basis, refocus_weight)
 
     def pack(t: torch.Tensor):
-        return None if (t.data_ptr(), t.shape, t.dtype) == kernel_id else t
+        if (t.data_ptr(), t.shape, t.dtype) != kernel_id:
+            return t
+        recompute.pack()
+        return None
 
     def unpack(packed):
-        if packed is not None:
-            return packed
-        with torch.no_grad():
-            return refocus_kernel(basis, refocus_weight)
+        return recompute.unpack() if packed is None else packed
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)

@@ -54,6 +54,18 @@ def count_kernels(monkeypatch) -> list:
     return calls
 
 
+def count_recomputes(monkeypatch) -> list:
+    """Count the kernels recomputed for backward."""
+    import refconv_mm.refocus as refocus
+    calls = []
+
+    def counting(basis, weight):
+        calls.append(torch.is_grad_enabled())
+        return refocus_kernel(basis, weight)
+    monkeypatch.setattr(refocus, 'refocus_kernel', counting)
+    return calls
+
+
 def train_steps(model: nn.Module, steps: int, accumulate: int = 1):
     """SGD steps; returns per step (loss, refocus grad, input grads)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
@@ -83,12 +95,14 @@ def assert_same_training(got, want):
 @pytest.mark.parametrize('groups', [1, 2, 4])
 def test_one_kernel_per_step_and_same_gradients(monkeypatch, groups):
     want = train_steps(SharedHead(groups, reference=True), 3)
-    calls = count_kernels(monkeypatch)
+    calls, recomputes = count_kernels(monkeypatch), count_recomputes(monkeypatch)
     model = SharedHead(groups)
     got = train_steps(model, 3)
     assert_same_training(got, want)
     # step 1 learns the call count (a kernel per call), steps 2 and 3 compute one each
     assert calls == [True] * (CALLS + 2)
+    # g=1 kernels are recomputed for backward (not kept), once per kernel; g>1 kernels are kept
+    assert recomputes == ([False] * (CALLS + 2) if groups == 1 else [])
     assert model.conv._calls_per_step == CALLS
     assert model.conv._step_kernel is None  # released by the step's last call
 
@@ -98,14 +112,17 @@ def test_kernel_held_only_until_the_last_call_of_the_step():
     train_steps(model, 1)
     conv = model.conv
     xs = levels(5)
-    conv(xs[0])
-    key, kernel, left = conv._step_kernel
+    outs = [conv(xs[0])]
+    key, kernel, recompute, left = conv._step_kernel
     assert left == CALLS - 1 and kernel.grad_fn is not None
-    conv(xs[1])
-    assert conv._step_kernel[2] == 1
+    outs.append(conv(xs[1]))
+    assert conv._step_kernel[3] == 1 and conv._step_kernel[2] is recompute
     copy.deepcopy(model)  # a held kernel (with its graph) is not part of the module's state
-    conv(xs[2])
+    outs.append(conv(xs[2]))
     assert conv._step_kernel is None
+    assert recompute.pending == CALLS and recompute.kernel is None  # nothing held in forward
+    sum(o.sum() for o in outs).backward()
+    assert recompute.pending == 0 and recompute.kernel is None  # dropped after the last use
 
 
 @pytest.mark.parametrize('accumulate', [2, 3])
@@ -190,11 +207,12 @@ def test_retinanet_head_shares_one_kernel_per_level_loop(monkeypatch):
     assert len(head) == 4  # 2 cls + 2 reg convs
     step(model)  # learns each layer's calls per step
     assert {m._calls_per_step for m in head} == {5}
-    calls = count_kernels(monkeypatch)
+    calls, recomputes = count_kernels(monkeypatch), count_recomputes(monkeypatch)
     loss, grads = step(model)
     n_neck = sum(isinstance(m, RefConv2d) and m.refocus_weight.requires_grad
                  for m in model.neck.modules())
     assert len(calls) == n_neck + len(head)  # not n_neck + 5 * len(head)
+    assert len(recomputes) == len(calls)  # all g=1: each kernel recomputed once in backward
     monkeypatch.setattr(refconv_module, '_in_backward', lambda: True)  # a kernel per call
     loss_ref, grads_ref = step(reference)
     assert loss == pytest.approx(loss_ref, rel=1e-6)

@@ -17,6 +17,9 @@ the seed formulation refocuses on every call. Columns:
   row (its data hot in cache): the definition the README used first;
 * ``transform (in sequence)``: the median over ``--reps`` passes that run every layer's per-step
   work once, one layer after another, as a training step does (each layer's data cold);
+* ``seed (per call)``: what the seed formulation's transform costs per step, for comparison: it
+  refocuses on every call (forward + gradient each, kernel kept), so a layer called ``c`` times
+  per step (counted in one forward of the model) costs ``c`` times its forward + gradient;
 * ``optimizer extra``, reported separately: one SGD step (``--optimizer``, the settings of
   ``speed_memory.py``) over the refocusing weights minus one over basis-shaped weights (what a
   plain model updates for the same convs); inherent to the design, it is not the transform.
@@ -48,8 +51,27 @@ def refocus_layers(model: torch.nn.Module) -> List[RefConv2d]:
             if isinstance(m, RefConv2d) and m.refocus_weight.requires_grad]
 
 
-def layer_costs(layers: List[RefConv2d], reps: int) -> Dict[tuple, list]:
-    """``{(kernel size, grouped): [layers, fwd s, fwd+grad s]}``, per-layer medians (hot)."""
+def calls_per_step(bench: 'sm.Bench', model: torch.nn.Module,
+                   layers: List[RefConv2d]) -> Dict[RefConv2d, int]:
+    """How many times one training forward of ``model`` calls each layer."""
+    counts = {m: 0 for m in layers}
+
+    def count(module, inputs, output):
+        counts[module] += 1
+    handles = [m.register_forward_hook(count) for m in layers]
+    try:
+        with torch.no_grad():
+            bench.train_loss(model.train(), bench.make_batch(torch.device('cpu')))
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def layer_costs(layers: List[RefConv2d], reps: int,
+                calls: Dict[RefConv2d, int]) -> Dict[tuple, list]:
+    """``{(kernel size, grouped): [layers, fwd s, fwd+grad s, seed s per step]}``, per-layer
+    medians (hot); the seed refocuses on each of the layer's ``calls``."""
     out: Dict[tuple, list] = {}
     for m in layers:
         basis = m.weight.detach()
@@ -64,10 +86,11 @@ def layer_costs(layers: List[RefConv2d], reps: int) -> Dict[tuple, list]:
             torch.autograd.grad(k, r, torch.ones_like(k))
             both.append(time.perf_counter() - t1)
             fwd.append(t1 - t0)
-        row = out.setdefault((tuple(basis.shape[2:]), m.groups > 1), [0, 0.0, 0.0])
+        row = out.setdefault((tuple(basis.shape[2:]), m.groups > 1), [0, 0.0, 0.0, 0.0])
         row[0] += 1
         row[1] += statistics.median(fwd)
         row[2] += statistics.median(both)
+        row[3] += calls[m] * statistics.median(both)
     return out
 
 
@@ -132,25 +155,34 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     results = {}
     for name in args.models:
         bench = sm.retinanet_bench(512, 2) if name == 'retinanet' else sm.mobilenetv2_bench(224, 16)
-        layers = refocus_layers(bench.build(sm.CONV_CFG['refconv_mm']))
-        costs = layer_costs(layers, args.reps)
-        print(f'\n{name}: {len(layers)} trainable RefConv layers', flush=True)
-        per_layer = 0.0
+        model = bench.build(sm.CONV_CFG['refconv_mm'])
+        layers = refocus_layers(model)
+        calls = calls_per_step(bench, model, layers)
+        costs = layer_costs(layers, args.reps, calls)
+        shared = sum(c > 1 for c in calls.values())
+        print(f'\n{name}: {len(layers)} trainable RefConv layers ({shared} called more than once '
+              f'per step: {sorted({c for c in calls.values() if c > 1})} calls)', flush=True)
+        per_layer = seed_s = 0.0
         groups = []
-        for (ksize, grouped), (n, f, fb) in sorted(costs.items()):
+        for (ksize, grouped), (n, f, fb, seed) in sorted(costs.items()):
             per_step = fb + (0.0 if grouped else f)  # g=1: forward, then recompute + gradient
             per_layer += per_step
+            seed_s += seed
             groups.append({'kernel': list(ksize), 'grouped': grouped, 'layers': n,
-                           'forward_s': f, 'forward_grad_s': fb, 'per_step_s': per_step})
+                           'forward_s': f, 'forward_grad_s': fb, 'per_step_s': per_step,
+                           'seed_per_call_s': seed})
             print(f'  {n:3d} layers {ksize[0]}x{ksize[1]} {"g>1" if grouped else "g=1"}: '
                   f'forward {1e3 * f:7.1f} ms, forward+grad {1e3 * fb:7.1f} ms, '
-                  f'per step {1e3 * per_step:7.1f} ms', flush=True)
+                  f'per step {1e3 * per_step:7.1f} ms (seed, per call: {1e3 * seed:7.1f} ms)',
+                  flush=True)
         seq = sequence_cost(layers, args.reps)
         opt = optimizer_extra(layers, args.reps, args.optimizer, bench.lr)
         res = {'groups': groups, 'transform_per_layer_s': per_layer,
-               'transform_in_sequence_s': seq, 'optimizer': opt}
+               'transform_in_sequence_s': seq, 'seed_transform_per_call_s': seed_s,
+               'optimizer': opt}
         print(f'  refocusing transform per training step: {1e3 * per_layer:.1f} ms (per-layer '
-              f'medians, hot), {1e3 * seq:.1f} ms (in sequence, cold)', flush=True)
+              f'medians, hot), {1e3 * seq:.1f} ms (in sequence, cold); the seed\'s, refocusing '
+              f'on every call: {1e3 * seed_s:.1f} ms', flush=True)
         print(f'  optimizer extra (SGD {args.optimizer}): {1e3 * opt["extra"]:.1f} ms = '
               f'{1e3 * opt["refocus"]:.1f} ms over {opt["refocus_params"] / 1e6:.1f} M refocusing '
               f'weights - {1e3 * opt["basis"]:.1f} ms over {opt["basis_params"] / 1e6:.1f} M '
