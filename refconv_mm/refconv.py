@@ -65,9 +65,9 @@ class RefConv2d(nn.Conv2d):
 
     A layer called several times per training step (a head shared by the FPN levels)
     computes its kernel once per step and every call uses that one autograd node, so the
-    transform's forward and gradient run once, not once per call
-    (:meth:`training_kernel`), and backward recomputes it once for all of them. Frozen layers reuse the no-grad kernel until their
-    weights change.
+    transform's forward and gradient run once, not once per call (:meth:`training_kernel`),
+    and backward recomputes it once for all of them. Frozen layers reuse the no-grad kernel
+    until their weights change.
     """
 
     plain_type: Type[nn.Conv2d] = nn.Conv2d
