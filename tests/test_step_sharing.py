@@ -43,27 +43,26 @@ def levels(step: int):
     return [torch.randn(2, 4, s, s, generator=g, requires_grad=True) for s in (8, 6, 4)]
 
 
-def count_kernels(monkeypatch) -> list:
-    """Count the layer's grad-tracked kernel computations (the recompute is not counted)."""
+def _count_calls(monkeypatch, module) -> list:
+    """Record grad mode of every ``refocus_kernel`` call made through ``module``."""
     calls = []
 
     def counting(basis, weight):
         calls.append(torch.is_grad_enabled())
         return refocus_kernel(basis, weight)
-    monkeypatch.setattr(refconv_module, 'refocus_kernel', counting)
+    monkeypatch.setattr(module, 'refocus_kernel', counting)
     return calls
+
+
+def count_kernels(monkeypatch) -> list:
+    """Count the layer's kernel computations (the recompute for backward is not counted)."""
+    return _count_calls(monkeypatch, refconv_module)
 
 
 def count_recomputes(monkeypatch) -> list:
     """Count the kernels recomputed for backward."""
     import refconv_mm.refocus as refocus
-    calls = []
-
-    def counting(basis, weight):
-        calls.append(torch.is_grad_enabled())
-        return refocus_kernel(basis, weight)
-    monkeypatch.setattr(refocus, 'refocus_kernel', counting)
-    return calls
+    return _count_calls(monkeypatch, refocus)
 
 
 def train_steps(model: nn.Module, steps: int, accumulate: int = 1):
