@@ -45,12 +45,6 @@ from refconv_mm import RefConv2d  # noqa: E402
 from refconv_mm.refocus import refocus_kernel  # noqa: E402
 
 
-def refocus_layers(model: torch.nn.Module) -> List[RefConv2d]:
-    """The model's trainable RefConv layers."""
-    return [m for m in model.modules()
-            if isinstance(m, RefConv2d) and m.refocus_weight.requires_grad]
-
-
 def calls_per_step(bench: 'sm.Bench', model: torch.nn.Module,
                    layers: List[RefConv2d]) -> Dict[RefConv2d, int]:
     """How many times one training forward of ``model`` calls each layer."""
@@ -156,7 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for name in args.models:
         bench = sm.retinanet_bench(512, 2) if name == 'retinanet' else sm.mobilenetv2_bench(224, 16)
         model = bench.build(sm.CONV_CFG['refconv_mm'])
-        layers = refocus_layers(model)
+        layers = [m for m in sm.refocus_layers(model, RefConv2d).values()
+                  if m.refocus_weight.requires_grad]  # the trainable ones
         calls = calls_per_step(bench, model, layers)
         costs = layer_costs(layers, args.reps, calls)
         shared = sum(c > 1 for c in calls.values())
