@@ -72,14 +72,15 @@ def refocus_kernel(basis: torch.Tensor, refocus_weight: torch.Tensor) -> torch.T
         # Each kernel has its own map: a conv with N groups, which oneDNN runs fastest.
         flat = basis.reshape(1, n, kh, kw)
         mapped = F.conv2d(flat, refocus_weight, None, 1, (mh // 2, mw // 2), 1, n)
-        return basis + mapped.view_as(basis)
+        # In place: neither conv's backward reads its output, and it saves a kernel-sized buffer.
+        return mapped.add_(flat).view_as(basis)
     # Grouped/depthwise: one GEMM per group of g kernels over the kernels' shifted copies
     # (unfold), whose backward writes the large refocus gradient once, with no zero fill.
     shifted = F.unfold(basis.reshape(1, n, kh, kw), (mh, mw), padding=(mh // 2, mw // 2))
     # Column-major shifted copies: the skinny GEMM runs ~2x faster in this layout on CPU.
     shifted = shifted.view(n // g, g * mh * mw, kh * kw).transpose(1, 2).contiguous()
     mixed = torch.bmm(refocus_weight.reshape(n // g, g, g * mh * mw), shifted.transpose(1, 2))
-    return basis + mixed.view_as(basis)
+    return mixed.add_(basis.reshape(mixed.shape)).view_as(basis)
 
 
 class KernelRecompute:

@@ -26,12 +26,20 @@ amplifies fp32 rounding beyond that, 1e-9 / 1e-6 in float64 (on copies); the mer
 the unmerged one (1e-4 relative to the output's max abs).
 
 Timing: ``--warmup`` untimed steps, then ``--steps`` timed ones, variants interleaved round-robin
-(plain, seed, refconv_mm, plain, ...) so machine noise hits all alike; the MEDIAN is reported. A
+so machine noise hits all alike, each round starting one variant later (plain, seed, refconv_mm;
+seed, refconv_mm, plain; ...) so that no variant always follows the same one; the MEDIAN is
+reported, and beside it the paired ratio: the median over rounds of a variant's step over
+plain's (and refconv_mm's over the seed's) in the same round, which cancels drift that moves
+whole rounds. A
 training step is ``zero_grad`` + forward + backward + SGD step (momentum 0.9, weight decay 1e-4;
 ``--optimizer`` picks torch's SGD implementation, the same for every variant: ``fused`` by default,
 as an mmengine config gets with ``optim_wrapper=dict(optimizer=dict(type='SGD', ..., fused=True))``;
 ``default`` is torch's per-parameter loop on CPU, which costs RefConv's extra parameters twice).
-On CUDA every timed region ends with ``torch.cuda.synchronize()``.
+On CUDA every timed region ends with ``torch.cuda.synchronize()``. Each timed training step also
+records the process's minor page faults (``getrusage`` ``ru_minflt``, where the platform has it;
+reported as the mean per step, since they come in bursts): on CPU a step pays for every page the
+allocator maps afresh, so variants that run the same ops can differ by how much memory they hand
+back to the OS and fault in again.
 
 Peak memory (one extra, untimed step per variant, after the timed ones so optimizer state
 exists): the peak of live tensor memory during a training step, i.e.
@@ -67,6 +75,10 @@ import logging
 import os
 import os.path as osp
 import platform
+try:
+    import resource
+except ImportError:  # not on Windows: page faults are then not counted
+    resource = None
 import statistics
 import sys
 import time
@@ -377,14 +389,24 @@ def timed(fn: Callable[[], Any], device: torch.device) -> Tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def minor_faults() -> Optional[int]:
+    """Minor page faults of this process so far (``None`` where ``getrusage`` is missing)."""
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def round_robin(names: Sequence[str], warmup: int, steps: int,
                 run: Callable[[str], Tuple[float, Any]], label: str) -> Dict[str, List[float]]:
-    """Run ``warmup`` then ``steps`` rounds over ``names`` in turn; the timed seconds per name."""
+    """Run ``warmup`` then ``steps`` rounds over ``names``; the timed seconds per name.
+
+    Round ``i`` starts at ``names[i % len(names)]`` (a rotation): a step pays for some of the
+    state its predecessor leaves (freed heap, evicted caches), so a fixed order would always
+    charge the same variant for the same neighbour.
+    """
     times: Dict[str, List[float]] = {n: [] for n in names}
     for i in range(warmup + steps):
         tag = f'warmup {i + 1}/{warmup}' if i < warmup else f'step {i - warmup + 1}/{steps}'
         parts = []
-        for n in names:
+        for n in names[i % len(names):] + names[:i % len(names)]:
             dt, extra = run(n)
             if i >= warmup:
                 times[n].append(dt)
@@ -568,10 +590,22 @@ def run_model(bench: Bench, args: argparse.Namespace, device: torch.device) -> d
             f'; float64: loss rel {checks["loss_rel_diff_f64"]:.1e}, refocus grads rel '
             f'{checks["refocus_grad_rel_diff_f64"]:.1e}') + ': ok')
 
+    train_faults: Dict[str, List[int]] = {n: [] for n in TRAIN_VARIANTS}
+
     def train_one(name: str) -> Tuple[float, Any]:
-        return timed(lambda: train_step(bench, variants[name], data), device)
+        before = minor_faults()
+        out = timed(lambda: train_step(bench, variants[name], data), device)
+        if before is not None:
+            train_faults[name].append(minor_faults() - before)
+        return out
 
     train_times = round_robin(TRAIN_VARIANTS, args.warmup, steps, train_one, 'train')
+    # the warm-up steps come first: keep the timed steps' counts only
+    train_faults = {n: f[args.warmup:] for n, f in train_faults.items()}
+    if all(train_faults.values()):
+        # bursty (glibc trims in some steps only), so the mean, not the median
+        log('  minor page faults per train step (mean): ' + ', '.join(
+            f'{n} {statistics.mean(f):.0f}' for n, f in train_faults.items()))
     # Layers called several times per step (RetinaNet's head, once per FPN level): the seed
     # refocuses per call, refconv_mm once per step.
     calls = [m._calls_per_step for m in refocus_layers(variants['refconv_mm'].model,
@@ -620,7 +654,8 @@ def run_model(bench: Bench, args: argparse.Namespace, device: torch.device) -> d
     eval_times = round_robin(EVAL_VARIANTS, args.warmup, eval_steps, eval_one, 'eval')
     result = {
         'desc': bench.desc, 'steps': steps, 'eval_steps': eval_steps, 'warmup': args.warmup,
-        'info': info, 'checks': checks, 'train_times_s': train_times, 'memory_bytes': memory,
+        'info': info, 'checks': checks, 'train_times_s': train_times,
+        'train_minor_faults': train_faults, 'memory_bytes': memory,
         'eval_times_s': eval_times, 'op_profiles': profiles,
         'runtime_s': time.perf_counter() - t0,
     }
@@ -643,6 +678,13 @@ def summarize(name: str, res: dict) -> List[dict]:
             row['train_s'] = _median(tt[v])
             row['train_ratio'] = row['train_s'] / base_t
             row['train_spread_rel'] = _iqr_rel(tt[v])
+            # Paired: steps of one round run back to back, so their ratio cancels the drift
+            # that moves whole rounds (this shared VM's steps move by +-10 %).
+            row['train_ratio_paired'] = _median([a / b for a, b in zip(tt[v], tt['plain'])])
+            if v == 'refconv_mm':
+                row['vs_seed_paired'] = _median([a / b for a, b in zip(tt[v], tt['seed'])])
+            faults = res.get('train_minor_faults', {}).get(v)
+            row['train_minor_faults'] = statistics.mean(faults) if faults else None
             row['peak_mib'] = mem[v]['peak'] / MIB
             row['memory_ratio'] = mem[v]['peak'] / base_m
         row['eval_ms'] = 1e3 * _median(et[v])
@@ -669,9 +711,10 @@ def _fmt(x: Optional[float], spec: str) -> str:
 
 def markdown_table(rows: List[dict]) -> str:
     """The results as a Markdown table, targets and verdicts in the last column."""
-    head = ('| model | variant | train step median (s) | x plain | peak memory (MiB) | x plain '
+    head = ('| model | variant | train step median (s) | x plain | x plain (paired) '
+            '| x seed (paired) | page faults / step | peak memory (MiB) | x plain '
             '| eval forward median (ms) | x plain | targets |')
-    lines = [head, '|' + '---|' * 9]
+    lines = [head, '|' + '---|' * 12]
     for r in rows:
         tg = []
         for t in r['targets']:
@@ -679,7 +722,10 @@ def markdown_table(rows: List[dict]) -> str:
             tg.append(f'{t["what"]}{bound}: {"met" if t["met"] else "**NOT MET**"}')
         lines.append(
             f'| {r["model"]} | {r["variant"]} | {_fmt(r.get("train_s"), ".3f")} | '
-            f'{_fmt(r.get("train_ratio"), ".3f")} | {_fmt(r.get("peak_mib"), ".1f")} | '
+            f'{_fmt(r.get("train_ratio"), ".3f")} | {_fmt(r.get("train_ratio_paired"), ".3f")} | '
+            f'{_fmt(r.get("vs_seed_paired"), ".3f")} | '
+            f'{_fmt(r.get("train_minor_faults"), ".0f")} | '
+            f'{_fmt(r.get("peak_mib"), ".1f")} | '
             f'{_fmt(r.get("memory_ratio"), ".3f")} | {r["eval_ms"]:.1f} | '
             f'{r["eval_ratio"]:.3f} | {"; ".join(tg) or "-"} |')
     return '\n'.join(lines)
