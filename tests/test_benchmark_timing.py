@@ -1,0 +1,49 @@
+"""The speed benchmark's timing protocol: rotated rounds, paired ratios, page-fault counts."""
+import os.path as osp
+import sys
+
+import pytest
+
+sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools', 'benchmark'))
+import speed_memory as sm  # noqa: E402
+
+
+def test_round_robin_rotates_the_order_every_round():
+    calls = []
+
+    def run(name):
+        calls.append(name)
+        return float(len(calls)), None
+    times = sm.round_robin(['a', 'b', 'c'], warmup=1, steps=3, run=run, label='t')
+    assert calls == ['a', 'b', 'c', 'b', 'c', 'a', 'c', 'a', 'b', 'a', 'b', 'c']
+    # warm-up round dropped; each name keeps its own timed calls in round order
+    assert times == {'a': [6.0, 8.0, 10.0], 'b': [4.0, 9.0, 11.0], 'c': [5.0, 7.0, 12.0]}
+
+
+def test_summary_reports_paired_ratios_and_mean_faults():
+    # plain drifts from 1 s to 2 s over the rounds; refconv_mm is always 1.05x of the same round.
+    plain = [1.0, 2.0, 1.0, 2.0, 2.0]
+    res = {
+        'train_times_s': {'plain': plain, 'seed': [1.1 * t for t in plain],
+                          'refconv_mm': [1.05 * t for t in plain]},
+        'eval_times_s': {v: [1.0, 1.0, 1.0] for v in sm.EVAL_VARIANTS},
+        'memory_bytes': {v: {'peak': 100} for v in sm.TRAIN_VARIANTS},
+        'train_minor_faults': {'plain': [0, 30, 0, 0, 0], 'seed': [1] * 5, 'refconv_mm': [2] * 5},
+    }
+    rows = {r['variant']: r for r in sm.summarize('mobilenetv2', res)}
+    ref = rows['refconv_mm']
+    assert ref['train_ratio_paired'] == pytest.approx(1.05)
+    assert ref['vs_seed_paired'] == pytest.approx(1.05 / 1.1)
+    assert rows['seed']['train_ratio_paired'] == pytest.approx(1.1)
+    assert rows['plain']['train_minor_faults'] == pytest.approx(6.0)  # bursts: the mean
+    assert 'x seed (paired)' in sm.markdown_table(list(rows.values()))
+
+
+def test_minor_faults_counts_touched_pages():
+    before = sm.minor_faults()
+    if before is None:
+        pytest.skip('getrusage is not available on this platform')
+    buf = bytearray(64 * 2**20)  # 64 MiB: mmapped fresh, every page faulted in when written
+    for i in range(0, len(buf), 4096):
+        buf[i] = 1
+    assert sm.minor_faults() - before >= 1000
