@@ -21,7 +21,6 @@ import os
 import os.path as osp
 import statistics
 import sys
-import time
 from collections import Counter
 from typing import Dict, Optional, Sequence
 
@@ -33,27 +32,27 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 import speed_memory as sm  # noqa: E402
 
 
-def op_times(bench: 'sm.Bench', variants: Dict[str, 'sm.Variant'], data, rounds: int
-             ) -> Dict[str, dict]:
+def op_times(bench: 'sm.Bench', variants: Dict[str, 'sm.Variant'], data, rounds: int,
+             device: torch.device) -> Dict[str, dict]:
     """``{variant: {'ops': {op: ms/step}, 'calls': {op: calls/step}, 'walls': [s]}}``."""
-    names = list(sm.TRAIN_VARIANTS)
-    out = {n: {'ops': Counter(), 'calls': Counter(), 'walls': []} for n in names}
-    for i in range(rounds + 1):  # round 0 warms up
-        order = names[i % len(names):] + names[:i % len(names)]
-        for n in order:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                t0 = time.perf_counter()
-                sm.train_step(bench, variants[n], data)
-                dt = time.perf_counter() - t0
-            if i == 0:
-                continue
-            out[n]['walls'].append(dt)
-            for e in prof.key_averages():
-                out[n]['ops'][e.key] += e.self_cpu_time_total / 1e3 / rounds
-                out[n]['calls'][e.key] += e.count / rounds
-        sm.log(f'  round {i}/{rounds}' + (' (warm-up)' if i == 0 else '') + ': ' + ', '.join(
-            f'{n} {out[n]["walls"][-1]:.3f}s' for n in order if out[n]['walls'] and i))
-    return out
+    steps: Dict[str, list] = {n: [] for n in sm.TRAIN_VARIANTS}  # per step: {op: (ms, calls)}
+
+    def run(name: str):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = sm.timed(lambda: sm.train_step(bench, variants[name], data), device)
+        steps[name].append({e.key: (e.self_cpu_time_total / 1e3, e.count)
+                            for e in prof.key_averages()})
+        return out
+    walls = sm.round_robin(sm.TRAIN_VARIANTS, 1, rounds, run, 'op_diff')
+    res = {}
+    for name, per_step in steps.items():
+        ops, calls = Counter(), Counter()
+        for step in per_step[1:]:  # the first is the warm-up round's
+            for key, (ms, count) in step.items():
+                ops[key] += ms / rounds
+                calls[key] += count / rounds
+        res[name] = {'ops': ops, 'calls': calls, 'walls': walls[name]}
+    return res
 
 
 def report(name: str, res: Dict[str, dict], top: int) -> str:
@@ -91,11 +90,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
            f'optimizer {args.optimizer}')
     results = {}
     for name in args.models:
-        bench = (sm.retinanet_bench(512, 2) if name == 'retinanet'
-                 else sm.mobilenetv2_bench(224, 16))
+        bench = sm.make_bench(name)
         sm.log(f'== {name}: {bench.desc}, {args.rounds} rounds')
         variants, _ = sm.build_variants(bench, device, args.optimizer)
-        res = op_times(bench, variants, bench.make_batch(device), args.rounds)
+        res = op_times(bench, variants, bench.make_batch(device), args.rounds, device)
         sm.log(report(name, res, args.top))
         results[name] = {n: {'ops_ms': dict(r['ops']), 'calls': dict(r['calls']),
                              'walls_s': r['walls']} for n, r in res.items()}

@@ -252,23 +252,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument('--device', default='cpu')
     p.add_argument('--optimizer', choices=sm.OPTIMIZER_IMPLS, default=sm.DEFAULT_OPTIMIZER)
     p.add_argument('--top', type=int, default=15)
-    p.add_argument('--retinanet-size', type=int, default=512)
-    p.add_argument('--retinanet-batch', type=int, default=2)
-    p.add_argument('--mobilenetv2-size', type=int, default=224)
-    p.add_argument('--mobilenetv2-batch', type=int, default=16)
+    for name, (size, batch) in sm.BENCH_SIZES.items():
+        p.add_argument(f'--{name}-size', type=int, default=size)
+        p.add_argument(f'--{name}-batch', type=int, default=batch)
     p.add_argument('--out', default='outputs/benchmark/profile_train_step.json')
     args = p.parse_args(argv)
     device = torch.device(args.device)
     sm.log(f'torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}')
-    factories = {
-        'retinanet': lambda: sm.retinanet_bench(args.retinanet_size, args.retinanet_batch),
-        'mobilenetv2': lambda: sm.mobilenetv2_bench(args.mobilenetv2_size,
-                                                    args.mobilenetv2_batch),
-    }
     results = {}
     for name in args.models:
         MMLogger.get_current_instance().setLevel(logging.WARNING)
-        bench = factories[name]()
+        bench = sm.make_bench(name, getattr(args, f'{name}_size'), getattr(args, f'{name}_batch'))
         t0 = time.perf_counter()
         variants, info = sm.build_variants(bench, device, args.optimizer)
         data = bench.make_batch(device)

@@ -148,7 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           f'{args.optimizer}', flush=True)
     results = {}
     for name in args.models:
-        bench = sm.retinanet_bench(512, 2) if name == 'retinanet' else sm.mobilenetv2_bench(224, 16)
+        bench = sm.make_bench(name)
         model = bench.build(sm.CONV_CFG['refconv_mm'])
         layers = [m for m in sm.refocus_layers(model, RefConv2d).values()
                   if m.refocus_weight.requires_grad]  # the trainable ones

@@ -261,6 +261,17 @@ def mobilenetv2_bench(size: int, batch: int) -> Bench:
 _CPU_MEM_DEVICES = ('DeviceType.CPU', 'DeviceType.MKLDNN', 'DeviceType.IDEEP')
 
 
+BENCH_SIZES = {'retinanet': (512, 2), 'mobilenetv2': (224, 16)}  # (image size, batch)
+
+
+def make_bench(name: str, size: Optional[int] = None, batch: Optional[int] = None) -> Bench:
+    """The benchmark ``name`` (``retinanet``, ``mobilenetv2``); size and batch default to
+    :data:`BENCH_SIZES`, the sizes every figure in the README uses."""
+    default_size, default_batch = BENCH_SIZES[name]
+    build = {'retinanet': retinanet_bench, 'mobilenetv2': mobilenetv2_bench}[name]
+    return build(size or default_size, batch or default_batch)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -744,10 +755,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--device', default='cpu')
     p.add_argument('--threads', type=int, default=None,
                    help='torch.set_num_threads (default: leave torch\'s default)')
-    p.add_argument('--retinanet-size', type=int, default=512)
-    p.add_argument('--retinanet-batch', type=int, default=2)
-    p.add_argument('--mobilenetv2-size', type=int, default=224)
-    p.add_argument('--mobilenetv2-batch', type=int, default=16)
+    for name, (size, batch) in BENCH_SIZES.items():
+        p.add_argument(f'--{name}-size', type=int, default=size)
+        p.add_argument(f'--{name}-batch', type=int, default=batch)
     p.add_argument('--optimizer', choices=OPTIMIZER_IMPLS, default=DEFAULT_OPTIMIZER,
                    help='SGD implementation, the same for every variant (see make_optimizer)')
     p.add_argument('--op-profile', type=int, default=0, metavar='K',
@@ -768,13 +778,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     selfcheck = memory_self_check(device)
     log(f'memory method self-check: expected {selfcheck["expected_bytes"]} B, measured '
         f'{selfcheck["measured_bytes"]} B: ok')
-    factories = {
-        'retinanet': lambda: retinanet_bench(args.retinanet_size, args.retinanet_batch),
-        'mobilenetv2': lambda: mobilenetv2_bench(args.mobilenetv2_size, args.mobilenetv2_batch),
-    }
     results, rows = {}, []
     for name in args.models:
-        results[name] = run_model(factories[name](), args, device)
+        bench = make_bench(name, getattr(args, f'{name}_size'), getattr(args, f'{name}_batch'))
+        results[name] = run_model(bench, args, device)
         rows += summarize(name, results[name])
     table = markdown_table(rows)
     total = time.perf_counter() - t_start
