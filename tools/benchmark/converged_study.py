@@ -445,6 +445,7 @@ def plot(results: Dict[str, Dict[str, object]], path: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 (matplotlib.ticker.MaxNLocator below)
     tasks = list(results)
     fig, axes = plt.subplots(2, len(tasks), figsize=(5.2 * len(tasks), 8), squeeze=False)
     for i, task in enumerate(tasks):
@@ -453,12 +454,13 @@ def plot(results: Dict[str, Dict[str, object]], path: str) -> None:
         rounds = res['plateau']['rounds']
         ax.plot([r['round'] for r in rounds], [r['metric'] for r in rounds], 'o-',
                 label='baseline (seed 0)')
-        for r in rounds:
-            if 'probe_metrics' in r:
-                ax.plot([r['round'] + 1] * len(r['probe_metrics']), r['probe_metrics'], 'x',
-                        color='gray')
+        probes = [r for r in rounds if 'probe_metrics' in r]
+        for k, r in enumerate(probes):
+            ax.plot([r['round'] + 1] * len(r['probe_metrics']), r['probe_metrics'], 'x',
+                    color='gray', label='a further round, probe seeds' if k == 0 else None)
         ax.set_title(f'{task}: rounds of the schedule')
         ax.set_xlabel('round')
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # whole rounds
         ax.set_ylabel(res['metric'][1])
         ax.legend(fontsize=8)
         ax = axes[1][i]
