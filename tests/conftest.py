@@ -1,5 +1,6 @@
 import os
 import os.path as osp
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,34 @@ CONFIGS = osp.join(ROOT, 'configs')
 os.environ.setdefault('OMP_NUM_THREADS', '2')
 # Spinning OpenMP threads wait on each other on busy cores (3x the wall time on 2 cores).
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+
+# Temp dirs that tests of several modules share; every other one goes when its module ends.
+SESSION_DIRS = ('det_data', 'seg_data', 'cls_shapes')
+_FAILED_TMP = set()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Remember a failed test's tmp_path, which the module clean-up keeps for inspection."""
+    report = (yield).get_result()
+    if report.failed and 'tmp_path' in getattr(item, 'funcargs', {}):
+        _FAILED_TMP.add(osp.basename(str(item.funcargs['tmp_path'])))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _free_module_tmp(tmp_path_factory):
+    """Delete the temp dirs a module made (checkpoints of its runs) when the module ends.
+
+    The disk is shared and sometimes has a few GB free; held to the session's end, the suite's
+    checkpoints reach ~14 GB.
+    """
+    base = tmp_path_factory.getbasetemp()
+    before = set(os.listdir(base))
+    yield
+    for name in set(os.listdir(base)) - before - _FAILED_TMP:
+        if not name.startswith(SESSION_DIRS) and osp.isdir(osp.join(base, name)):
+            shutil.rmtree(osp.join(base, name), ignore_errors=True)
 
 
 def run_tool(*args, check=True, timeout=900, env=None):
