@@ -27,6 +27,20 @@ def pytest_runtest_makereport(item, call):
         _FAILED_TMP.add(osp.basename(str(item.funcargs['tmp_path'])))
 
 
+def _forget_visualizers() -> None:
+    """Drop mmengine's named Visualizers, so the next Runner builds its own.
+
+    A Runner reuses a Visualizer by name ('visualizer' in mmdet's configs), save_dir included:
+    every later Runner of the process would write into the first one's (deleted) work dir.
+    """
+    from mmengine.visualization import Visualizer
+    classes = [Visualizer]
+    while classes:
+        cls = classes.pop()
+        cls._instance_dict.clear()  # ManagerMeta gives each subclass a dict of its own
+        classes.extend(cls.__subclasses__())
+
+
 @pytest.fixture(scope='module', autouse=True)
 def _free_module_tmp(tmp_path_factory):
     """Delete the temp dirs a module made (checkpoints of its runs) when the module ends.
@@ -37,6 +51,7 @@ def _free_module_tmp(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     before = set(os.listdir(base))
     yield
+    _forget_visualizers()
     for name in set(os.listdir(base)) - before - _FAILED_TMP:
         if not name.startswith(SESSION_DIRS) and osp.isdir(osp.join(base, name)):
             shutil.rmtree(osp.join(base, name), ignore_errors=True)
