@@ -141,6 +141,19 @@ def test_summary_pairs_each_arm_with_its_control():
     assert res['plateau_test']['mean'] == pytest.approx((1.0 + 0.0 + 1.5) / 3)
 
 
+def test_runs_of_one_worker_log_into_their_own_dirs(det_data, tmp_path):
+    """Two mmdet runs in one process (as in a pool worker): each has its own vis_data."""
+    from refconv_mm.experiments.shapes_configs import write_config_pair
+    cfg = write_config_pair(str(tmp_path / 'cfg'), det_data['data_root'], 'det', iters=1,
+                            size=64, batch=2, log_interval=1)['baseline']
+    for seed in (0, 1):
+        work = tmp_path / f'seed{seed}'
+        res = converged_study.run_one(cfg, str(work), None, seed, 'coco/bbox_mAP', False,
+                                      key='k')
+        assert 0.0 <= res['metric'] <= 100.0
+        assert len(list(work.glob('*/vis_data/scalars.json'))) == 1, sorted(work.rglob('*'))
+
+
 def test_study_end_to_end(tmp_path):
     """The tool from its CLI on digits: plateau probes, paired arms, resume from the cache."""
     work = tmp_path / 'study'

@@ -309,6 +309,10 @@ def run_one(config: str, work_dir: str, load_from: Optional[str], seed: int,
     cfg.randomness = dict(seed=seed, deterministic=False)
     cfg.log_level = 'WARNING'
     cfg.experiment_name = f'{osp.basename(work_dir)}_{key}_{os.getpid()}_{time.time():.0f}'
+    if cfg.get('visualizer') is not None:
+        # mmdet/mmseg name theirs 'visualizer': a worker's next Runner would reuse the first
+        # one's, and write its logs into that run's work dir.
+        cfg.visualizer.name = cfg.experiment_name
     if not keep_checkpoint:
         cfg.default_hooks.checkpoint = None
     t = time.time()
