@@ -37,6 +37,16 @@ def test_summary_reports_paired_ratios_and_mean_faults():
     assert rows['seed']['train_ratio_paired'] == pytest.approx(1.1)
     assert rows['plain']['train_minor_faults'] == pytest.approx(6.0)  # bursts: the mean
     assert 'x seed (paired)' in sm.markdown_table(list(rows.values()))
+    met = {t['what']: t['met'] for t in ref['targets']}
+    assert met == {'train <= seed': True, 'train <= seed (paired)': True, 'memory': True,
+                   'eval unmerged': True}
+    # slower than the seed in every round, and memory above the README's 1.30x
+    res['train_times_s']['refconv_mm'] = [1.2 * t for t in plain]
+    res['memory_bytes']['refconv_mm'] = {'peak': 131}
+    ref = {r['variant']: r for r in sm.summarize('mobilenetv2', res)}['refconv_mm']
+    met = {t['what']: t['met'] for t in ref['targets']}
+    assert met == {'train <= seed': False, 'train <= seed (paired)': False, 'memory': False,
+                   'eval unmerged': True}
 
 
 def test_minor_faults_counts_touched_pages():
