@@ -141,6 +141,24 @@ def test_summary_pairs_each_arm_with_its_control():
     assert res['plateau_test']['mean'] == pytest.approx((1.0 + 0.0 + 1.5) / 3)
 
 
+def test_run_key_follows_the_base_chain_and_the_checkpoint(tmp_path):
+    """An edit to a ``_base_`` file (your --config) or a re-written checkpoint makes a new key."""
+    user, arm, ckpt = tmp_path / 'user.py', tmp_path / 'arm.py', tmp_path / 'start.pth'
+    user.write_text('lr = 0.1\nmodel = dict(depth=18)\n')
+    arm.write_text(f"_base_ = {str(user)!r}\nseeded = True\n")
+    ckpt.write_bytes(b'x' * 10)
+    key = converged_study._run_key(str(arm), str(ckpt), 0)
+    assert converged_study._run_key(str(arm), str(ckpt), 0) == key
+    assert converged_study._run_key(str(arm), str(ckpt), 1) != key
+    assert converged_study._run_key(str(arm), None, 0) != key
+    user.write_text('lr = 0.1\nmodel = dict(depth=34)\n')  # only the base file changes
+    assert converged_study._run_key(str(arm), str(ckpt), 0) != key
+    user.write_text('lr = 0.1\nmodel = dict(depth=18)\n')
+    assert converged_study._run_key(str(arm), str(ckpt), 0) == key
+    ckpt.write_bytes(b'y' * 11)  # the round it starts from ran again
+    assert converged_study._run_key(str(arm), str(ckpt), 0) != key
+
+
 def test_runs_of_one_worker_log_into_their_own_dirs(det_data, tmp_path):
     """Two mmdet runs in one process (as in a pool worker): each has its own vis_data."""
     from refconv_mm.experiments.shapes_configs import write_config_pair

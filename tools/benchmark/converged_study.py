@@ -268,11 +268,19 @@ def write_task_configs(task: str, root: str, args: argparse.Namespace) -> Dict[s
 # runs: a real Runner per run, in worker processes, cached on disk
 # ----------------------------------------------------------------------------------------------
 def _run_key(config: str, load_from: Optional[str], seed: int) -> str:
-    h = hashlib.sha256()
-    for path in (config, osp.join(osp.dirname(config), 'baseline.py')):
-        with open(path, 'rb') as f:
-            h.update(f.read())
-    h.update(f'{load_from}|{seed}'.encode())
+    """What a cached run stands for: the resolved config, its start checkpoint and the seed.
+
+    The config is hashed as mmengine resolves it, so an edit anywhere in its ``_base_`` chain
+    (your own ``--config`` included) makes a new key; the checkpoint by path, size and mtime, so
+    a round that re-ran re-runs the rounds that start from it.
+    """
+    from mmengine.config import Config
+    h = hashlib.sha256(json.dumps(Config.fromfile(config).to_dict(), sort_keys=True,
+                                  default=str).encode())
+    if load_from is not None:
+        st = os.stat(load_from)
+        h.update(f'{osp.abspath(load_from)}|{st.st_size}|{st.st_mtime_ns}'.encode())
+    h.update(f'|{seed}'.encode())
     return h.hexdigest()[:16]
 
 
