@@ -252,9 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument('--device', default='cpu')
     p.add_argument('--optimizer', choices=sm.OPTIMIZER_IMPLS, default=sm.DEFAULT_OPTIMIZER)
     p.add_argument('--top', type=int, default=15)
-    for name, (size, batch) in sm.BENCH_SIZES.items():
-        p.add_argument(f'--{name}-size', type=int, default=size)
-        p.add_argument(f'--{name}-batch', type=int, default=batch)
+    sm.add_bench_size_args(p)
     p.add_argument('--out', default='outputs/benchmark/profile_train_step.json')
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -262,7 +260,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     results = {}
     for name in args.models:
         MMLogger.get_current_instance().setLevel(logging.WARNING)
-        bench = sm.make_bench(name, getattr(args, f'{name}_size'), getattr(args, f'{name}_batch'))
+        bench = sm.bench_from_args(name, args)
         t0 = time.perf_counter()
         variants, info = sm.build_variants(bench, device, args.optimizer)
         data = bench.make_batch(device)

@@ -273,6 +273,18 @@ def make_bench(name: str, size: Optional[int] = None, batch: Optional[int] = Non
     return build(size or default_size, batch or default_batch)
 
 
+def add_bench_size_args(parser: argparse.ArgumentParser) -> None:
+    """``--{model}-size`` / ``--{model}-batch`` for every benchmark, :data:`BENCH_SIZES` default."""
+    for name, (size, batch) in BENCH_SIZES.items():
+        parser.add_argument(f'--{name}-size', type=int, default=size)
+        parser.add_argument(f'--{name}-batch', type=int, default=batch)
+
+
+def bench_from_args(name: str, args: argparse.Namespace) -> Bench:
+    """:func:`make_bench` at the sizes given by :func:`add_bench_size_args`' options."""
+    return make_bench(name, getattr(args, f'{name}_size'), getattr(args, f'{name}_batch'))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -756,9 +768,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--device', default='cpu')
     p.add_argument('--threads', type=int, default=None,
                    help='torch.set_num_threads (default: leave torch\'s default)')
-    for name, (size, batch) in BENCH_SIZES.items():
-        p.add_argument(f'--{name}-size', type=int, default=size)
-        p.add_argument(f'--{name}-batch', type=int, default=batch)
+    add_bench_size_args(p)
     p.add_argument('--optimizer', choices=OPTIMIZER_IMPLS, default=DEFAULT_OPTIMIZER,
                    help='SGD implementation, the same for every variant (see make_optimizer)')
     p.add_argument('--op-profile', type=int, default=0, metavar='K',
@@ -781,8 +791,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         f'{selfcheck["measured_bytes"]} B: ok')
     results, rows = {}, []
     for name in args.models:
-        bench = make_bench(name, getattr(args, f'{name}_size'), getattr(args, f'{name}_batch'))
-        results[name] = run_model(bench, args, device)
+        results[name] = run_model(bench_from_args(name, args), args, device)
         rows += summarize(name, results[name])
     table = markdown_table(rows)
     total = time.perf_counter() - t_start
