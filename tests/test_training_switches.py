@@ -238,3 +238,40 @@ def test_ema_validates_merges_and_tests_the_ema_model(ema_run):
         assert_same_predictions(load_dump(dump), want_src, f'same runner, call {i}: {call}')
     again = torch.load(hook_file, map_location='cpu')['state_dict']
     assert all(torch.equal(again[k], tool_sd[k]) for k in tool_sd)
+
+
+# -- activation checkpointing --------------------------------------------------------------
+@pytest.mark.parametrize('amp', [False, True], ids=['fp32', 'amp'])
+def test_resnet_with_cp_same_gradients(amp, monkeypatch):
+    """mmdet's ResNet ``with_cp=True`` (activation checkpointing in every block) with RefConv:
+    the recompute in backward gives the gradients of the run without checkpointing."""
+    import copy
+
+    import torch.utils.checkpoint as cp
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    cfg = dict(type='ResNet', depth=18, frozen_stages=1, norm_eval=False,
+               conv_cfg=dict(type='RefConv', init='official'))
+    torch.manual_seed(0)
+    reference = MODELS.build(cfg)
+    reference.init_weights()
+    checkpointed = copy.deepcopy(reference)
+    for m in checkpointed.modules():
+        if hasattr(m, 'with_cp'):
+            m.with_cp = True
+    calls = []
+    real = cp.checkpoint
+    monkeypatch.setattr(cp, 'checkpoint', lambda *a, **k: calls.append(1) or real(*a, **k))
+    grads = []
+    for model in (reference, checkpointed):
+        model.train()
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+            loss = sum(o.float().square().mean() for o in model(x))
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert len(calls) >= 4  # the blocks after the frozen stage 1 were checkpointed
+    assert grads[0].keys() == grads[1].keys() and any('refocus' in k for k in grads[0])
+    for k in grads[0]:
+        assert torch.equal(grads[0][k], grads[1][k]), k
