@@ -13,15 +13,14 @@ from refconv_mm import RefConv2d, RefConv2dAdaptivePadding, build_refconv, merge
 
 @pytest.mark.parametrize('scope', [None, 'mmdet', 'mmseg'])
 def test_registered_in_root_registry(scope):
-    import mmdet.registry  # noqa: F401
-    import mmseg.registry  # noqa: F401
+    import importlib
     from mmengine.registry import DefaultScope
     name = f'refconv_scope_{scope}'
     if scope is None:
         assert MODELS.get('RefConv') is build_refconv and MODELS.get('RefConv2d') is RefConv2d
     else:
         DefaultScope.get_instance(name, scope_name=scope)
-        reg = {'mmdet': mmdet.registry.MODELS, 'mmseg': mmseg.registry.MODELS}[scope]
+        reg = importlib.import_module(f'{scope}.registry').MODELS
         assert reg.get('RefConv') is build_refconv
     assert isinstance(build_conv_layer(dict(type='RefConv'), 4, 8, 3), RefConv2d)
 
