@@ -59,6 +59,10 @@ def _restricted_globals() -> Dict[str, object]:
         allowed[f'{obj.__module__}.{obj.__qualname__}'] = obj
         allowed[f'{obj.__module__}.{obj.__name__}'] = obj
     allowed['builtins.getattr'] = _history_buffer_getattr
+    # protocol-2 pickles of numpy arrays carry their bytes as _codecs.encode(str, 'latin1');
+    # newer torch's weights-only unpickler allows it too
+    import _codecs
+    allowed['_codecs.encode'] = _codecs.encode
     return allowed
 
 
@@ -69,6 +73,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         """Return an allow-listed global; refuse any other before importing anything."""
+        import _compat_pickle
+        # torch.save's protocol 2 writes Python 2 names (__builtin__.getattr), as pickle maps them
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         obj = self._allowed.get(f'{module}.{name}')
         if obj is None:
             raise pickle.UnpicklingError(
