@@ -218,7 +218,9 @@ class RefConv2d(nn.Conv2d):
 
     def __getstate__(self) -> dict:
         # A held training kernel carries its autograd graph, which cannot be copied.
-        state = super().__getstate__()
+        # object.__getstate__ is Python >= 3.11 (and torch 2.0's Module has none)
+        getstate = getattr(super(), '__getstate__', None)
+        state = getstate() if getstate is not None else self.__dict__.copy()
         return dict(state, _kernel_cache=None, _step_kernel=None)
 
     def __setstate__(self, state):
