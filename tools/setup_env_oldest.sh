@@ -62,6 +62,8 @@ step "mmdet 3.3.0, mmsegmentation 1.2.2, mmpretrain 1.2.0"
 "${PIP[@]}" install -q mmdet mmsegmentation mmpretrain "${C[@]}"
 step "test and tool requirements"
 "${PIP[@]}" install -q -r "$ROOT/requirements/tests.txt" "${C[@]}"
+# torch 2.0's ONNX exporter imports onnx to write a file (tests/test_refconv_layer.py)
+"${PIP[@]}" install -q onnx "${C[@]}"
 step "refconv_mm (editable, as a user installs it: pip resolves its ranges against this stack)"
 "${PIP[@]}" install -q --no-build-isolation -e "$ROOT" "${C[@]}"
 "$VENV/bin/python" -c 'import refconv_mm, torch, mmcv.ops, mmdet, mmseg, mmpretrain
