@@ -27,6 +27,14 @@ def parse_requirements(path: str) -> list:
         return [line for line in lines if line]
 
 
+def mim_files() -> list:
+    """Every file under refconv_mm/.mim, listed (old setuptools reads '**' as a plain '*')."""
+    root = osp.join(HERE, 'refconv_mm')
+    return sorted(osp.relpath(osp.join(d, f), root)
+                  for d, _, files in os.walk(osp.join(root, '.mim'), followlinks=True)
+                  for f in files if not f.endswith('.pyc'))
+
+
 def add_mim_extension() -> None:
     """Ship configs/ and tools/ inside the package under ``.mim``, as OpenMMLab packages do."""
     mode = 'symlink' if os.environ.get('PIP_EDITABLE_MODE') or 'develop' in os.sys.argv \
@@ -57,7 +65,7 @@ if __name__ == '__main__':
         license='Apache License 2.0',
         packages=find_packages(exclude=('configs', 'tools', 'tests')),
         include_package_data=True,
-        package_data={'refconv_mm': ['.mim/configs/**/*', '.mim/tools/**/*']},
+        package_data={'refconv_mm': mim_files()},
         # Python 3.8 (OpenMMLab's `conda create -n openmmlab python=3.8`) to 3.11, the pinned one.
         python_requires='>=3.8,<3.12',
         # Only what refconv_mm itself needs, as ranges: torch, mmcv and mmengine are the user's
