@@ -98,6 +98,11 @@ def _free_module_tmp(tmp_path_factory):
             shutil.rmtree(osp.join(base, name), ignore_errors=True)
 
 
+# `mim` through its module: its console script need not sit beside this python (a venv layered
+# over another environment has none)
+MIM = ('-c', 'import sys; from mim.cli import cli; sys.exit(cli())')
+
+
 def run_tool(*args, check=True, timeout=900, env=None):
     """Run a script of tools/ in a fresh interpreter; return the CompletedProcess."""
     cmd = list(args) if osp.isabs(args[0]) else [sys.executable, *args]
