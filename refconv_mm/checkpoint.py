@@ -9,7 +9,8 @@ import torch
 
 from .merge import merge_state_dict, refconv_prefixes
 
-__all__ = ['allow_mmengine_checkpoints', 'load_checkpoint_file', 'safe_torch_load', 'save_merged_checkpoint',
+__all__ = ['allow_mmengine_checkpoints', 'load_checkpoint_file', 'safe_torch_load',
+           'save_merged_checkpoint',
            'atomic_save', 'check_state_dict_fits']
 
 

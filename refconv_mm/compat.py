@@ -24,7 +24,7 @@ _FIX = {
 
 
 def parse_version(text: str) -> Tuple[int, int, int]:
-    """``'2.0.1+cu117'`` -> ``(2, 0, 1)``: the release numbers, local and pre-release tags dropped."""
+    """``'2.0.1+cu117'`` -> ``(2, 0, 1)``: release numbers; local and pre-release tags dropped."""
     m = re.match(r'\s*(\d+)(?:\.(\d+))?(?:\.(\d+))?', str(text))
     if not m:
         raise ValueError(f'cannot read a version number from {text!r}')

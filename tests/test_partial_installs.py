@@ -77,7 +77,8 @@ def test_works_with_only_one_downstream_package(only, request, tmp_path):
              f'gone = [m for m in {[PACKAGES[h][0] for h in hidden]!r} '
              'if importlib.util.find_spec(m) is not None]; '
              'assert not gone, gone; '
-             f'import {PACKAGES[only][0]}; print("only {only}: refconv_mm", refconv_mm.__version__)')
+             f'import {PACKAGES[only][0]}; '
+             f'print("only {only}: refconv_mm", refconv_mm.__version__)')
     assert f'only {only}: refconv_mm' in run(py, '-c', probe)
 
     data = request.getfixturevalue(dict(det='det_data', seg='seg_data', cls='cls_data')
