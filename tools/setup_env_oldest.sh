@@ -9,7 +9,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${REFCONV_OLD_VENV:-$ROOT/.venv-py38}"
 PY="${PYTHON38:-}"
 if [[ -z "$PY" ]]; then
-    for c in python3.8 "$HOME/.pyenv/versions/3.8.18/bin/python3.8"; do
+    for c in python3.8 "${HOME:-/root}"/.pyenv/versions/3.8*/bin/python3.8 /usr/bin/python3.8; do
         # a pyenv shim answers `command -v` but may not run: ask the interpreter itself
         "$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 8))' >/dev/null 2>&1 \
             && { PY="$c"; break; }
