@@ -1,9 +1,10 @@
 """RefConvHook: keeps RefConv bases frozen, applies the training recipe, reports, exports."""
 import os.path as osp
-from typing import Dict, List, Optional
+from typing import Dict, List, Tuple
 
+import torch
 import torch.nn as nn
-from mmengine.hooks import Hook
+from mmengine.hooks import EMAHook, Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch.nn.parallel import DistributedDataParallel
@@ -50,7 +51,10 @@ class RefConvHook(Hook):
             the bases trains) or ``'refocus_only'`` (only ``refocus_weight``,
             plus norm layers if ``train_norm``).
         train_norm: With ``'refocus_only'``, keep norm layers trainable.
-        merge_after_run: Write ``<work_dir>/<merged_name>`` (plain keys) after training.
+        merge_after_run: Write ``<work_dir>/<merged_name>`` (plain keys) when training
+            ends: the weights the run's checkpoints hold, i.e. the EMA model's where an
+            ``EMAHook`` runs (what validation measured), else the model's. A val or test
+            run writes nothing (mmengine's EMAHook rebuilds its copy from the model then).
         merged_name: File name of that checkpoint.
         strict_basis: Raise instead of warning when a basis was never loaded and no
             ``load_from`` was given (with ``load_from`` it always raises).
@@ -138,11 +142,28 @@ class RefConvHook(Hook):
                 raise RuntimeError(msg)
             runner.logger.warning('!' * 20 + ' ' + msg)
 
-    def after_run(self, runner) -> None:
+    def exported_state_dict(self, runner) -> Tuple[Dict[str, torch.Tensor], str]:
+        """The weights a checkpoint of this run holds, and whose they are (``'EMA'``/``'model'``).
+
+        EMAHook writes its averaged weights under a checkpoint's ``state_dict`` and validates
+        with them, so the export takes them too.
+        """
+        for hook in runner.hooks:
+            if isinstance(hook, EMAHook) and getattr(hook, 'ema_model', None) is not None:
+                return hook.ema_model.module.state_dict(), 'EMA'
+        return self._module(runner).state_dict(), 'model'
+
+    def after_train(self, runner) -> None:
         if not self.merge_after_run or runner.rank != 0:
             return
         from .checkpoint import save_merged_checkpoint
         out = osp.join(runner.work_dir, self.merged_name)
-        save_merged_checkpoint(self._module(runner).state_dict(), out,
-                               meta=dict(runner.meta or {}), overwrite=True)
-        runner.logger.info(f'RefConvHook: merged plain checkpoint written to {out}')
+        state, whose = self.exported_state_dict(runner)
+        # What a Runner checkpoint's meta holds (mmseg's init_model reads dataset_meta).
+        info = runner.message_hub.runtime_info
+        meta = dict(epoch=runner.epoch, iter=runner.iter)
+        meta.update({k: info[k] for k in ('cfg', 'seed', 'experiment_name', 'mmengine_version',
+                                          'dataset_meta') if k in info})
+        save_merged_checkpoint(state, out, meta=meta, overwrite=True)
+        runner.logger.info(f'RefConvHook: merged plain checkpoint ({whose} weights) written to '
+                           f'{out}')

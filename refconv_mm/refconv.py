@@ -12,7 +12,8 @@ from mmcv.cnn.bricks.conv_ws import ConvWS2d, conv_ws_2d
 from mmengine.registry import MODELS
 from torch.nn.modules.utils import _pair
 
-from .refocus import KernelRecompute, refocus_kernel, refocus_weight_shape, refocused_conv2d
+from .refocus import (KernelRecompute, is_compiling, refocus_kernel, refocus_weight_shape,
+                      refocused_conv2d)
 
 __all__ = ['RefConv2d', 'RefConv2dAdaptivePadding', 'RefConvWS2d', 'build_refconv']
 
@@ -66,8 +67,14 @@ class RefConv2d(nn.Conv2d):
     A layer called several times per training step (a head shared by the FPN levels)
     computes its kernel once per step and every call uses that one autograd node, so the
     transform's forward and gradient run once, not once per call (:meth:`training_kernel`),
-    and backward recomputes it once for all of them. Frozen layers reuse the no-grad kernel
-    until their weights change.
+    and backward recomputes it once for all of them.
+
+    Without grad (eval, or a layer frozen in training) the kernel is computed on every
+    call from the weights the layer holds then, whatever wrote them (an optimizer, a
+    ``load_state_dict``, EMA's ``.data`` swaps). Under autocast the refocusing math runs
+    in the parameters' dtype and the conv casts the kernel as it casts any weight, so the
+    layer computes what its merged conv computes, AMP or not. Under ``torch.compile`` the
+    forward is the math and the conv, nothing the compiler has to step around.
     """
 
     plain_type: Type[nn.Conv2d] = nn.Conv2d
@@ -111,7 +118,6 @@ class RefConv2d(nn.Conv2d):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.basis_loaded = False
-        self._kernel_cache: Optional[Tuple[tuple, torch.Tensor]] = None
         self._reset_step_sharing()
         self.init_weights()
 
@@ -145,13 +151,10 @@ class RefConv2d(nn.Conv2d):
         w, r = self.weight, self.refocus_weight
         return (w.data_ptr(), w._version, r.data_ptr(), r._version, w.device, w.dtype, r.dtype)
 
-    def eval_kernel(self) -> torch.Tensor:
-        """The refocused kernel without autograd, computed once per weight version."""
-        key = self._cache_key()
-        if self._kernel_cache is None or self._kernel_cache[0] != key:
-            with torch.no_grad():
-                self._kernel_cache = (key, self.refocused_kernel())
-        return self._kernel_cache[1]
+    def needs_grad(self) -> bool:
+        """Whether this call's kernel must be tracked by autograd (training, not frozen)."""
+        return torch.is_grad_enabled() and (self.refocus_weight.requires_grad
+                                            or self.weight.requires_grad)
 
     def _reset_step_sharing(self) -> None:
         # (weight key, kernel, its recompute, calls left) while later calls of the step reuse it
@@ -186,8 +189,6 @@ class RefConv2d(nn.Conv2d):
         return kernel, recompute
 
     def train(self, mode: bool = True) -> 'RefConv2d':
-        if mode:
-            self._kernel_cache = None  # the eval kernel is not needed in training: free it
         self._step_kernel = None
         return super().train(mode)
 
@@ -197,10 +198,9 @@ class RefConv2d(nn.Conv2d):
         if self.padding_mode != 'zeros':
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        needs_grad = torch.is_grad_enabled() and (self.refocus_weight.requires_grad
-                                                  or self.weight.requires_grad)
-        if not needs_grad:  # eval, or a frozen layer in training: nothing for autograd
-            return F.conv2d(x, self.eval_kernel(), self.bias, self.stride, padding,
+        if is_compiling() or not self.needs_grad():
+            # Traced, or nothing for autograd: the math and the conv, nothing held across calls.
+            return F.conv2d(x, self.refocused_kernel(), self.bias, self.stride, padding,
                             self.dilation, self.groups)
         kernel, recompute = self.training_kernel()
         return refocused_conv2d(x, self.weight, self.refocus_weight, self.bias, self.stride,
@@ -220,12 +220,13 @@ class RefConv2d(nn.Conv2d):
         # A held training kernel carries its autograd graph, which cannot be copied.
         # object.__getstate__ is Python >= 3.11 (and torch 2.0's Module has none)
         getstate = getattr(super(), '__getstate__', None)
-        state = getstate() if getstate is not None else self.__dict__.copy()
-        return dict(state, _kernel_cache=None, _step_kernel=None)
+        state = dict(getstate() if getstate is not None else self.__dict__)
+        state.pop('_kernel_cache', None)  # an eval cache of refconv_mm <= 0.x: never used now
+        return dict(state, _step_kernel=None)
 
     def __setstate__(self, state):
+        state.pop('_kernel_cache', None)
         super().__setstate__(state)
-        self._kernel_cache = None
         if '_calls' not in state:  # pickled by a refconv_mm without step sharing
             self._reset_step_sharing()
 
@@ -284,9 +285,8 @@ class RefConvWS2d(RefConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _refuse_onnx_export()
-        needs_grad = torch.is_grad_enabled() and (self.refocus_weight.requires_grad
-                                                  or self.weight.requires_grad)
-        kernel = self.training_kernel()[0] if needs_grad else self.eval_kernel()
+        use_shared = self.needs_grad() and not is_compiling()
+        kernel = self.training_kernel()[0] if use_shared else self.refocused_kernel()
         return conv_ws_2d(x, kernel, self.bias, self.stride, self.padding, self.dilation,
                           self.groups, self.eps)
 

@@ -11,13 +11,47 @@ depthwise conv (g=Cin=Cout) a single group mixes all channels' kernels.
 The layer's forward, its eval cache and the state-dict merge all call
 :func:`refocus_kernel`.
 """
-from typing import Optional, Tuple
+import contextlib
+from typing import ContextManager, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['KernelRecompute', 'refocus_kernel', 'refocus_map_size', 'refocus_weight_shape',
-           'refocused_conv2d']
+__all__ = ['KernelRecompute', 'autocast_dtype', 'is_compiling', 'refocus_kernel',
+           'refocus_map_size', 'refocus_weight_shape', 'refocused_conv2d']
+
+
+def is_compiling() -> bool:
+    """True while ``torch.compile`` (dynamo) traces the caller."""
+    compiler = getattr(torch, 'compiler', None)
+    if compiler is not None and hasattr(compiler, 'is_compiling'):  # torch >= 2.3
+        return compiler.is_compiling()
+    dynamo = getattr(torch, '_dynamo', None)  # torch 2.0-2.2
+    return bool(dynamo is not None and dynamo.is_compiling())
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast casts a conv's weight to on ``device_type`` now; None when it is off."""
+    if hasattr(torch, 'get_autocast_dtype'):  # torch >= 2.4: one API for every device type
+        try:
+            enabled = torch.is_autocast_enabled(device_type)
+        except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
+            return None
+        return torch.get_autocast_dtype(device_type) if enabled else None
+    if device_type == 'cuda':  # torch 2.0-2.3
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    if device_type == 'cpu':
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return None
+
+
+def _autocast_off(device_type: str) -> ContextManager:
+    # Under compile the state is unknown until run time: always leave autocast explicitly.
+    if is_compiling() and device_type in ('cpu', 'cuda'):
+        return torch.autocast(device_type, enabled=False)
+    if autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def refocus_map_size(kernel_size: Tuple[int, int], map_k: int) -> Tuple[int, int]:
@@ -48,7 +82,11 @@ def refocus_weight_shape(out_channels: int, in_channels: int, groups: int,
 
 
 def refocus_kernel(basis: torch.Tensor, refocus_weight: torch.Tensor) -> torch.Tensor:
-    """Return the refocused kernel ``W_b + T(W_b)``.
+    """Return the refocused kernel ``W_b + T(W_b)``, in the basis' dtype.
+
+    The math runs in the parameters' dtype whatever autocast says: the kernel is a weight,
+    and the conv that uses it casts it as autocast casts any weight. So a RefConv under AMP
+    computes exactly what the merged plain conv computes under AMP.
 
     Args:
         basis: The frozen basis kernel, shape ``(Cout, Cin/g, kh, kw)``.
@@ -64,8 +102,15 @@ def refocus_kernel(basis: torch.Tensor, refocus_weight: torch.Tensor) -> torch.T
         raise ValueError(f'RefConv: refocus weight of shape {tuple(refocus_weight.shape)} does not '
                          f'fit a basis of shape {tuple(basis.shape)} (expected {cout * cin_g} '
                          '2-D kernels in dim 0).')
-    if refocus_weight.dtype != basis.dtype:  # e.g. AMP: the kernel takes the basis' dtype
+    if refocus_weight.dtype != basis.dtype:  # e.g. a half model with fp32 refocusing weights
         refocus_weight = refocus_weight.to(basis.dtype)
+    with _autocast_off(basis.device.type):
+        return _refocus(basis, refocus_weight)
+
+
+def _refocus(basis: torch.Tensor, refocus_weight: torch.Tensor) -> torch.Tensor:
+    n, g, mh, mw = refocus_weight.shape
+    cout, cin_g, kh, kw = basis.shape
     if g == 1:
         if mh == mw == 1:  # one scale per kernel: a product, not a conv with N groups
             return torch.addcmul(basis, basis, refocus_weight.view(cout, cin_g, 1, 1))
@@ -100,15 +145,15 @@ class KernelRecompute:
         """A conv saved the kernel (forward)."""
         self.pending += 1
 
-    def unpack(self) -> torch.Tensor:
-        """The kernel for one conv's backward."""
+    def unpack(self, dtype: torch.dtype) -> torch.Tensor:
+        """The kernel for one conv's backward, in the ``dtype`` that conv saved (AMP)."""
         kernel = self.kernel
         if kernel is None:
             with torch.no_grad():
                 kernel = refocus_kernel(self.basis, self.refocus_weight)
         self.pending -= 1  # below zero after a retain_graph backward: recompute, keep nothing
         self.kernel = kernel if self.pending > 0 else None
-        return kernel
+        return kernel.to(dtype)
 
 
 def refocused_conv2d(x: torch.Tensor, basis: torch.Tensor, refocus_weight: torch.Tensor,
@@ -125,11 +170,20 @@ def refocused_conv2d(x: torch.Tensor, basis: torch.Tensor, refocus_weight: torch
     ``kernel``, when given, must be ``refocus_kernel(basis, refocus_weight)`` already
     computed (a layer called several times per step shares one, see ``RefConv2d``), and
     ``recompute`` the one :class:`KernelRecompute` of every call that uses that kernel.
+
+    Under autocast the conv runs on the kernel cast as autocast casts any weight (so the
+    result is the merged conv's under autocast); under ``torch.compile`` the compiler
+    decides what backward keeps, so the conv is traced as it is.
     """
     if kernel is None:
         kernel = refocus_kernel(basis, refocus_weight)
-    if groups > 1 or not (torch.is_grad_enabled() and kernel.requires_grad):
+    if groups > 1 or not (torch.is_grad_enabled() and kernel.requires_grad) or is_compiling():
         return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)
+    cast = autocast_dtype(kernel.device.type)
+    if cast is not None and kernel.dtype not in (cast, torch.float64):
+        # The cast autocast would make inside the conv, made here so that the tensor the conv
+        # saves is one this function knows (and recomputes) rather than an anonymous copy.
+        kernel = kernel.to(cast)
     kernel_id = (kernel.data_ptr(), kernel.shape, kernel.dtype)  # no reference kept to it
     if recompute is None:
         recompute = KernelRecompute(basis, refocus_weight)
@@ -138,10 +192,10 @@ def refocused_conv2d(x: torch.Tensor, basis: torch.Tensor, refocus_weight: torch
         if (t.data_ptr(), t.shape, t.dtype) != kernel_id:
             return t
         recompute.pack()
-        return None
+        return t.dtype  # a note, not the tensor: backward recomputes it
 
     def unpack(packed):
-        return recompute.unpack() if packed is None else packed
+        return recompute.unpack(packed) if isinstance(packed, torch.dtype) else packed
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)

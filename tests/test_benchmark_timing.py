@@ -36,7 +36,7 @@ def test_summary_reports_paired_ratios_and_mean_faults():
     assert ref['vs_seed_paired'] == pytest.approx(1.05 / 1.1)
     assert rows['seed']['train_ratio_paired'] == pytest.approx(1.1)
     assert rows['plain']['train_minor_faults'] == pytest.approx(6.0)  # bursts: the mean
-    assert 'x seed (paired)' in sm.markdown_table(list(rows.values()))
+    assert 'x seed, or x eager for +compile (paired)' in sm.markdown_table(list(rows.values()))
     met = {t['what']: t['met'] for t in ref['targets']}
     assert met == {'train <= seed': True, 'train <= seed (paired)': True, 'memory': True,
                    'eval unmerged': True}
@@ -47,6 +47,26 @@ def test_summary_reports_paired_ratios_and_mean_faults():
     met = {t['what']: t['met'] for t in ref['targets']}
     assert met == {'train <= seed': False, 'train <= seed (paired)': False, 'memory': False,
                    'eval unmerged': True}
+
+
+def test_summary_compiled_rows_against_their_eager_variant():
+    """--compile: a compiled variant's row has its ratio to plain and, paired, to its own eager
+    variant; it has no eval column."""
+    plain = [1.0, 2.0, 1.0, 2.0]
+    tt = {'plain': plain, 'seed': plain, 'refconv_mm': [1.1 * t for t in plain],
+          'plain+compile': [0.5 * t for t in plain],
+          'refconv_mm+compile': [0.55 * 1.1 * t for t in plain]}
+    res = {'train_times_s': tt, 'eval_times_s': {v: [1.0] * 3 for v in sm.EVAL_VARIANTS},
+           'memory_bytes': {v: {'peak': 100} for v in tt}}
+    rows = {r['variant']: r for r in sm.summarize('mobilenetv2', res)}
+    assert list(rows) == ['plain', 'seed', 'refconv_mm', 'plain+compile', 'refconv_mm+compile',
+                          'merged']
+    assert rows['plain+compile']['vs_eager_paired'] == pytest.approx(0.5)
+    assert rows['refconv_mm+compile']['vs_eager_paired'] == pytest.approx(0.55)
+    assert rows['refconv_mm+compile']['train_ratio_paired'] == pytest.approx(0.605)
+    assert 'eval_ms' not in rows['refconv_mm+compile']
+    table = sm.markdown_table(list(rows.values()))
+    assert '| mobilenetv2 | refconv_mm+compile |' in table and '| 0.550 |' in table
 
 
 def test_minor_faults_counts_touched_pages():

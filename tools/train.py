@@ -9,6 +9,7 @@ Multi-process: ``torchrun --nproc_per_node N tools/train.py CONFIG --launcher py
 import argparse
 import os
 import os.path as osp
+import sys
 
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
@@ -37,6 +38,19 @@ def parse_args(argv=None):
     return args
 
 
+def amp_unavailable(cfg) -> str:
+    """Why the config's ``AmpOptimWrapper`` cannot run on this machine ('' when it can)."""
+    if cfg.get('optim_wrapper', {}).get('type') != 'AmpOptimWrapper':
+        return ''
+    import mmengine.device as device
+    checks = ('is_cuda_available', 'is_npu_available', 'is_mlu_available', 'is_musa_available')
+    if any(getattr(device, c, lambda: False)() for c in checks):
+        return ''
+    return ('mixed precision (--amp, AmpOptimWrapper) needs a CUDA, NPU, MLU or MUSA device '
+            'and this machine has none: mmengine refuses it on a CPU. Train without --amp '
+            '(fp32), or on a GPU machine.')
+
+
 def build_runner(args) -> Runner:
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
@@ -49,6 +63,10 @@ def build_runner(args) -> Runner:
     if args.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'
+    why = amp_unavailable(cfg)
+    if why:
+        print(f'tools/train.py: {why}', file=sys.stderr)
+        sys.exit(2)
     if args.auto_scale_lr:
         if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
             raise RuntimeError('Can not find "auto_scale_lr" or "auto_scale_lr.base_batch_size" '

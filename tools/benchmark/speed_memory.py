@@ -4,6 +4,7 @@
         [--warmup N] [--eval-steps N] [--device cpu|cuda] [--out PATH] [--op-profile K]
         [--retinanet-size 512] [--retinanet-batch 2] [--mobilenetv2-size 224]
         [--mobilenetv2-batch 16] [--optimizer default|foreach|fused]
+        [--amp] [--compile [--compile-backend inductor]]
 
 Models (each built three times, from the same plain weights):
 
@@ -62,6 +63,15 @@ it, so grads count 0 there and are counted where backward allocates them, in the
 Eval forward: ``model.eval()``, ``torch.no_grad()``; RetinaNet runs ``mode='tensor'`` (backbone,
 neck and head, no box post-processing, which does not depend on the convs).
 
+Training switches. ``--amp``: every variant's forward (training and eval) runs under
+``torch.autocast`` (bf16 on a CPU, fp16 on CUDA: what mmengine's ``AmpOptimWrapper`` uses),
+backward and the optimizer outside it, as mmengine runs them; the checks then also require the
+merged model's eval output to equal the unmerged one's exactly. ``--compile``: adds
+``plain+compile`` and ``refconv_mm+compile``, copies of ``plain`` and ``refconv_mm`` whose forward
+and loss run through ``torch.compile`` (``--compile-backend``, inductor by default; backward
+through the compiled graph, the optimizer step eager), timed in the same rounds as the eager
+variants; the first (compiling) call is timed apart and its graph breaks and graphs counted.
+
 Prints progress, a Markdown table with the targets this script can check (refconv_mm's training
 step no slower than the seed's, on medians and paired; peak memory no worse than the README's
 figures, 1.12x plain on RetinaNet and 1.30x on MobileNetV2; eval unmerged <= 1.01x; merged equal
@@ -70,6 +80,7 @@ train ratio within the refocusing share + 1 pp, needs the transform's cost:
 ``refocus_cost.py --speed-json`` checks it on this script's JSON.
 """
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -367,10 +378,24 @@ def static_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str
 # -- steps ---------------------------------------------------------------------------
 @dataclass
 class Variant:
-    """One model variant with its optimizer."""
+    """One model variant with its optimizer, and how its forward runs (autocast, compiled)."""
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    amp: Optional[torch.dtype] = None  # autocast dtype of the forward, None: fp32
+    loss_fn: Optional[Callable[[Any], torch.Tensor]] = None  # data -> loss (compiled variants)
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype ``--amp`` uses: what CPU autocast supports, fp16 on a GPU."""
+    return torch.bfloat16 if device.type == 'cpu' else torch.float16
+
+
+def forward_context(v: Variant, device: torch.device):
+    """``torch.autocast`` for an AMP variant's forward, else a no-op context."""
+    if v.amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=v.amp)
 
 
 def make_optimizer(model: nn.Module, lr: float, impl: str = DEFAULT_OPTIMIZER
@@ -398,7 +423,8 @@ def train_step(bench: Bench, v: Variant, data, zero_grad: bool = True) -> float:
     """One training step (zero_grad, forward, backward, SGD step); returns the loss."""
     if zero_grad:
         v.optimizer.zero_grad(set_to_none=True)
-    loss = bench.train_loss(v.model, data)
+    with forward_context(v, next(v.model.parameters()).device):
+        loss = v.loss_fn(data) if v.loss_fn else bench.train_loss(v.model, data)
     loss.backward()
     v.optimizer.step()
     return loss.item()
@@ -463,9 +489,14 @@ def refocus_layers(model: nn.Module, cls: type) -> Dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
 
 
-def build_variants(bench: Bench, device: torch.device, optimizer: str = DEFAULT_OPTIMIZER
+def build_variants(bench: Bench, device: torch.device, optimizer: str = DEFAULT_OPTIMIZER,
+                   amp: bool = False, compile_backend: Optional[str] = None
                    ) -> Tuple[Dict[str, Variant], dict]:
-    """Build plain / seed / refconv_mm from the same plain weights; check coverage, loading."""
+    """Build plain / seed / refconv_mm from the same plain weights; check coverage, loading.
+
+    ``amp``: every variant's forward runs under autocast (:func:`amp_dtype`).
+    ``compile_backend``: also ``plain+compile`` and ``refconv_mm+compile`` (copies, same weights).
+    """
     torch.manual_seed(0)
     plain = bench.build(None)
     plain.init_weights()
@@ -494,11 +525,20 @@ def build_variants(bench: Bench, device: torch.device, optimizer: str = DEFAULT_
     info['plain_convs'] = sum(isinstance(m, nn.Conv2d) and not isinstance(m, RefConv2d)
                               for m in refconv.modules())
     variants = {}
+    dtype = amp_dtype(device) if amp else None
     for name, model in (('plain', plain), ('seed', seed), ('refconv_mm', refconv)):
         model.to(device).train()
-        variants[name] = Variant(name, model, make_optimizer(model, bench.lr, optimizer))
+        variants[name] = Variant(name, model, make_optimizer(model, bench.lr, optimizer), dtype)
         info[f'{name}_trainable_params'] = sum(p.numel() for p in model.parameters()
                                                if p.requires_grad)
+    if compile_backend:
+        for base in ('plain', 'refconv_mm'):
+            model = copy.deepcopy(variants[base].model)
+            loss_fn = torch.compile(lambda data, m=model: bench.train_loss(m, data),
+                                    backend=compile_backend)
+            variants[base + '+compile'] = Variant(
+                base + '+compile', model, make_optimizer(model, bench.lr, optimizer), dtype,
+                loss_fn)
     return variants, info
 
 
@@ -602,7 +642,9 @@ def run_model(bench: Bench, args: argparse.Namespace, device: torch.device) -> d
     log(f'\n== {bench.name}: {bench.desc}; warmup {args.warmup}, steps {steps}, eval steps '
         f'{eval_steps}, device {device}, threads {torch.get_num_threads()}')
     t0 = time.perf_counter()
-    variants, info = build_variants(bench, device, args.optimizer)
+    variants, info = build_variants(bench, device, args.optimizer, args.amp,
+                                    args.compile_backend if args.compile else None)
+    train_names = tuple(variants)  # TRAIN_VARIANTS, then the compiled ones
     info['optimizer'] = {n: optimizer_desc(v.optimizer) for n, v in variants.items()}
     data = bench.make_batch(device)
     log(f'  built in {time.perf_counter() - t0:.1f}s: {info}')
@@ -614,7 +656,10 @@ def run_model(bench: Bench, args: argparse.Namespace, device: torch.device) -> d
             f'; float64: loss rel {checks["loss_rel_diff_f64"]:.1e}, refocus grads rel '
             f'{checks["refocus_grad_rel_diff_f64"]:.1e}') + ': ok')
 
-    train_faults: Dict[str, List[int]] = {n: [] for n in TRAIN_VARIANTS}
+    compiled = [n for n in train_names if variants[n].loss_fn is not None]
+    if compiled:
+        info['compile'] = compile_first_steps(bench, variants, compiled, data, device)
+    train_faults: Dict[str, List[int]] = {n: [] for n in train_names}
 
     def train_one(name: str) -> Tuple[float, Any]:
         before = minor_faults()
@@ -623,7 +668,7 @@ def run_model(bench: Bench, args: argparse.Namespace, device: torch.device) -> d
             train_faults[name].append(minor_faults() - before)
         return out
 
-    train_times = round_robin(TRAIN_VARIANTS, args.warmup, steps, train_one, 'train')
+    train_times = round_robin(train_names, args.warmup, steps, train_one, 'train')
     # the warm-up steps come first: keep the timed steps' counts only
     train_faults = {n: f[args.warmup:] for n, f in train_faults.items()}
     if all(train_faults.values()):
@@ -638,7 +683,7 @@ def run_model(bench: Bench, args: argparse.Namespace, device: torch.device) -> d
     log(f'  refconv_mm layers by calls per step: {info["refconv_layers_by_calls_per_step"]}')
 
     memory = {}
-    for name in TRAIN_VARIANTS:
+    for name in train_names:
         v = variants[name]
         v.optimizer.zero_grad(set_to_none=True)  # the profiler cannot see frees of older blocks
         gc.collect()
@@ -658,20 +703,22 @@ def run_model(bench: Bench, args: argparse.Namespace, device: torch.device) -> d
             log(f'  [op profile] {bench.name} {name}, one training step:\n{profiles[name]}')
 
     # Eval: merged copy of the (trained) refconv_mm model, checked against the unmerged one.
-    models = {n: v.model.eval() for n, v in variants.items()}
+    models = {n: variants[n].model.eval() for n in EVAL_VARIANTS if n in variants}
     models['merged'] = merge_refconv(copy.deepcopy(models['refconv_mm'])).eval()
     if refocus_layers(models['merged'], RefConv2d):
         raise RuntimeError('merge_refconv left RefConv layers in the model')
-    with torch.no_grad():
+    ctx = forward_context(variants['plain'], device)
+    with torch.no_grad(), ctx:
         merge_rel = _rel_max_diff(bench.eval_forward(models['merged'], data),
                                   bench.eval_forward(models['refconv_mm'], data))
-    if not merge_rel <= 1e-4:
+    # Under AMP the contract is bit for bit (the kernel is computed in fp32, then cast).
+    if not merge_rel <= (0.0 if args.amp else 1e-4):
         raise RuntimeError(f'merged eval output differs from unmerged: rel {merge_rel:.2e}')
     checks['merged_vs_unmerged_rel_diff'] = merge_rel
     log(f'  check merged vs unmerged eval output: rel max diff {merge_rel:.1e}: ok')
 
     def eval_one(name: str) -> Tuple[float, Any]:
-        with torch.no_grad():
+        with torch.no_grad(), forward_context(variants['plain'], device):
             dt, _ = timed(lambda: bench.eval_forward(models[name], data), device)
         return dt, None
 
@@ -688,6 +735,23 @@ def run_model(bench: Bench, args: argparse.Namespace, device: torch.device) -> d
     return result
 
 
+def compile_first_steps(bench: Bench, variants: Dict[str, Variant], names: Sequence[str], data,
+                        device: torch.device) -> Dict[str, dict]:
+    """Run each compiled variant's first (compiling) step; its time, graph breaks and graphs."""
+    from torch._dynamo.utils import counters
+    out = {}
+    for name in names:
+        counters.clear()
+        dt, loss = timed(lambda: train_step(bench, variants[name], data), device)
+        breaks = sum(counters['graph_break'].values())
+        out[name] = dict(first_step_s=dt, graph_breaks=breaks,
+                         graphs=counters['stats']['unique_graphs'],
+                         break_reasons=sorted(counters['graph_break'])[:20])
+        log(f'  [compile] {name}: first step {dt:.1f}s (loss {loss:.4f}), '
+            f'{out[name]["graphs"]} graphs, {breaks} graph breaks')
+    return out
+
+
 # -- report ------------------------------------------------------------------------
 def summarize(name: str, res: dict) -> List[dict]:
     """Per-variant medians, ratios to plain and target verdicts of one model."""
@@ -696,7 +760,7 @@ def summarize(name: str, res: dict) -> List[dict]:
     base_m = mem['plain']['peak']
     noise = max(MERGED_MIN_NOISE, _iqr_rel(et['plain']))
     rows = []
-    for v in EVAL_VARIANTS:
+    for v in EVAL_VARIANTS[:-1] + tuple(n for n in tt if n not in EVAL_VARIANTS) + ('merged', ):
         row: Dict[str, Any] = {'model': name, 'variant': v}
         if v in tt:
             row['train_s'] = _median(tt[v])
@@ -707,12 +771,16 @@ def summarize(name: str, res: dict) -> List[dict]:
             row['train_ratio_paired'] = _median([a / b for a, b in zip(tt[v], tt['plain'])])
             if v == 'refconv_mm':
                 row['vs_seed_paired'] = _median([a / b for a, b in zip(tt[v], tt['seed'])])
+            if v.endswith('+compile'):  # against its own eager variant, step by step
+                eager = v[:-len('+compile')]
+                row['vs_eager_paired'] = _median([a / b for a, b in zip(tt[v], tt[eager])])
             faults = res.get('train_minor_faults', {}).get(v)
             row['train_minor_faults'] = statistics.mean(faults) if faults else None
             row['peak_mib'] = mem[v]['peak'] / MIB
             row['memory_ratio'] = mem[v]['peak'] / base_m
-        row['eval_ms'] = 1e3 * _median(et[v])
-        row['eval_ratio'] = _median(et[v]) / base_e
+        if v in et:
+            row['eval_ms'] = 1e3 * _median(et[v])
+            row['eval_ratio'] = _median(et[v]) / base_e
         targets = []
         if v == 'refconv_mm':
             mem_max = MEMORY_TARGETS[name]
@@ -736,7 +804,7 @@ def _fmt(x: Optional[float], spec: str) -> str:
 def markdown_table(rows: List[dict]) -> str:
     """The results as a Markdown table, targets and verdicts in the last column."""
     head = ('| model | variant | train step median (s) | x plain | x plain (paired) '
-            '| x seed (paired) | page faults / step | peak memory (MiB) | x plain '
+            '| x seed, or x eager for +compile (paired) | page faults / step | peak memory (MiB) | x plain '
             '| eval forward median (ms) | x plain | targets |')
     lines = [head, '|' + '---|' * 12]
     for r in rows:
@@ -747,11 +815,11 @@ def markdown_table(rows: List[dict]) -> str:
         lines.append(
             f'| {r["model"]} | {r["variant"]} | {_fmt(r.get("train_s"), ".3f")} | '
             f'{_fmt(r.get("train_ratio"), ".3f")} | {_fmt(r.get("train_ratio_paired"), ".3f")} | '
-            f'{_fmt(r.get("vs_seed_paired"), ".3f")} | '
+            f'{_fmt(r.get("vs_seed_paired", r.get("vs_eager_paired")), ".3f")} | '
             f'{_fmt(r.get("train_minor_faults"), ".0f")} | '
             f'{_fmt(r.get("peak_mib"), ".1f")} | '
-            f'{_fmt(r.get("memory_ratio"), ".3f")} | {r["eval_ms"]:.1f} | '
-            f'{r["eval_ratio"]:.3f} | {"; ".join(tg) or "-"} |')
+            f'{_fmt(r.get("memory_ratio"), ".3f")} | {_fmt(r.get("eval_ms"), ".1f")} | '
+            f'{_fmt(r.get("eval_ratio"), ".3f")} | {"; ".join(tg) or "-"} |')
     return '\n'.join(lines)
 
 
@@ -773,6 +841,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help='SGD implementation, the same for every variant (see make_optimizer)')
     p.add_argument('--op-profile', type=int, default=0, metavar='K',
                    help='also print the top K ops of one training step per variant')
+    p.add_argument('--amp', action='store_true',
+                   help='run every forward under torch.autocast (bf16 on CPU, fp16 on CUDA)')
+    p.add_argument('--compile', action='store_true',
+                   help='also time plain and refconv_mm with torch.compile (forward + loss)')
+    p.add_argument('--compile-backend', default='inductor',
+                   help='torch.compile backend for --compile (default inductor)')
     p.add_argument('--out', default='outputs/benchmark/speed_memory.json')
     return p.parse_args(argv)
 
