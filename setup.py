@@ -20,6 +20,21 @@ def version() -> str:
     return scope['__version__']
 
 
+def parse_requirements(path: str) -> list:
+    """Requirement lines of ``path`` (relative to the repo), comments and blanks dropped."""
+    with open(osp.join(HERE, path)) as f:
+        lines = (line.split('#')[0].strip() for line in f)
+        return [line for line in lines if line]
+
+
+def mim_files() -> list:
+    """Every file under refconv_mm/.mim, listed (old setuptools reads '**' as a plain '*')."""
+    root = osp.join(HERE, 'refconv_mm')
+    return sorted(osp.relpath(osp.join(d, f), root)
+                  for d, _, files in os.walk(osp.join(root, '.mim'), followlinks=True)
+                  for f in files if not f.endswith('.pyc'))
+
+
 def add_mim_extension() -> None:
     """Ship configs/ and tools/ inside the package under ``.mim``, as OpenMMLab packages do."""
     mode = 'symlink' if os.environ.get('PIP_EDITABLE_MODE') or 'develop' in os.sys.argv \
@@ -50,15 +65,21 @@ if __name__ == '__main__':
         license='Apache License 2.0',
         packages=find_packages(exclude=('configs', 'tools', 'tests')),
         include_package_data=True,
-        package_data={'refconv_mm': ['.mim/configs/**/*', '.mim/tools/**/*']},
-        python_requires='>=3.11,<3.12',
-        install_requires=[
-            'torch==2.13.0', 'torchvision==0.28.0', 'mmengine==0.10.7', 'mmcv==2.1.0',
-            'mmdet==3.3.0', 'mmsegmentation==1.2.2', 'mmpretrain==1.2.0', 'numpy<2',
-            'setuptools>=77.0.3,<82', 'ftfy', 'regex'
-        ],
-        extras_require=dict(tests=['pytest', 'scikit-learn', 'openmim'],
-                            # README "Deploy"; requirements/deploy.txt has the same pins
-                            deploy=['mmdeploy==1.3.1', 'onnx==1.17.0', 'protobuf==3.20.2',
-                                    'onnxruntime==1.26.0']),
+        package_data={'refconv_mm': mim_files()},
+        # Python 3.8 (OpenMMLab's `conda create -n openmmlab python=3.8`) to 3.11, the pinned one.
+        python_requires='>=3.8,<3.12',
+        # Only what refconv_mm itself needs, as ranges: torch, mmcv and mmengine are the user's
+        # (mmcv's compiled ops match one torch), so pip never replaces them; ranges are checked
+        # at import (refconv_mm/compat.py). The pinned stack is requirements/runtime.txt.
+        install_requires=parse_requirements('requirements/install.txt'),
+        extras_require=dict(
+            mim=parse_requirements('requirements/mminstall.txt'),
+            mmdet=['mmdet>=3.0.0,<3.4.0'],
+            # mmseg.utils imports ftfy and regex without declaring them.
+            mmseg=['mmsegmentation>=1.0.0,<1.3.0', 'ftfy', 'regex'],
+            mmpretrain=['mmpretrain>=1.0.0,<1.3.0'],
+            tests=parse_requirements('requirements/tests.txt'),
+            # README "Deploy"; requirements/deploy.txt has the same pins
+            deploy=['mmdeploy==1.3.1', 'onnx==1.17.0', 'protobuf==3.20.2',
+                    'onnxruntime==1.26.0']),
         zip_safe=False)

@@ -218,7 +218,9 @@ class RefConv2d(nn.Conv2d):
 
     def __getstate__(self) -> dict:
         # A held training kernel carries its autograd graph, which cannot be copied.
-        state = super().__getstate__()
+        # object.__getstate__ is Python >= 3.11 (and torch 2.0's Module has none)
+        getstate = getattr(super(), '__getstate__', None)
+        state = dict(getstate() if getstate is not None else self.__dict__)
         state.pop('_kernel_cache', None)  # an eval cache of refconv_mm <= 0.x: never used now
         return dict(state, _step_kernel=None)
 

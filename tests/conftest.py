@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import os.path as osp
 import shutil
@@ -12,6 +13,46 @@ CONFIGS = osp.join(ROOT, 'configs')
 os.environ.setdefault('OMP_NUM_THREADS', '2')
 # Spinning OpenMP threads wait on each other on busy cores (3x the wall time on 2 cores).
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+
+# Partial installs (a detection user without mmseg/mmpretrain, ...): an absent package's tests
+# are skipped, with the reason in pytest's -ra summary.
+DOWNSTREAM = ('mmdet', 'mmseg', 'mmpretrain')
+MISSING = {p for p in DOWNSTREAM if importlib.util.find_spec(p) is None}
+# modules whose shared fixtures build models of several packages
+MODULE_NEEDS = {'test_stack': set(DOWNSTREAM), 'test_transfer': set(DOWNSTREAM),
+                'test_inference_apis': set(DOWNSTREAM), 'test_deploy': set(DOWNSTREAM),
+                'test_mmpretrain': {'mmpretrain'}, 'test_step_sharing': {'mmdet'},
+                'test_converged_study': {'mmdet', 'mmpretrain'}}
+# the task names tests are parametrized with, and the fixtures of each task's data/models
+TASK_NEEDS = {'det': 'mmdet', 'det-model': 'mmdet', 'seg': 'mmseg', 'cls': 'mmpretrain'}
+FIXTURE_NEEDS = {'det_data': 'mmdet', 'seg_data': 'mmseg', 'classifier': 'mmpretrain'}
+
+
+def _needs(item) -> set:
+    """The downstream packages a collected test uses: its module's, its params', its data's."""
+    need = set(MODULE_NEEDS.get(item.module.__name__.split('.')[-1], ()))
+    params = getattr(getattr(item, 'callspec', None), 'params', {})
+    values = []
+    for v in params.values():
+        values.extend(v if isinstance(v, (tuple, list)) else [v])
+    found = set()
+    for v in filter(lambda v: isinstance(v, str), values):
+        found |= {p for p in DOWNSTREAM if v == p or v.startswith((p + '::', p + '/'))}
+        found |= {TASK_NEEDS[v]} if v in TASK_NEEDS else set()
+    if not found:  # no task in the params: the data fixtures say which package
+        found = {p for f, p in FIXTURE_NEEDS.items() if f in item.fixturenames}
+    return need | found
+
+
+def pytest_collection_modifyitems(config, items):
+    if not MISSING:
+        return
+    for item in items:
+        for pkg in sorted(_needs(item) & MISSING):
+            item.add_marker(pytest.mark.skip(
+                reason=f'{pkg} is not installed: its part of the suite is skipped'))
+            break
 
 
 # Temp dirs that tests of several modules share; every other one goes when its module ends.
@@ -55,6 +96,11 @@ def _free_module_tmp(tmp_path_factory):
     for name in set(os.listdir(base)) - before - _FAILED_TMP:
         if not name.startswith(SESSION_DIRS) and osp.isdir(osp.join(base, name)):
             shutil.rmtree(osp.join(base, name), ignore_errors=True)
+
+
+# `mim` through its module: its console script need not sit beside this python (a venv layered
+# over another environment has none)
+MIM = ('-c', 'import sys; from mim.cli import cli; sys.exit(cli())')
 
 
 def run_tool(*args, check=True, timeout=900, env=None):

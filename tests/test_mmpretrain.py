@@ -10,7 +10,6 @@ import copy
 import json
 import os.path as osp
 import shutil
-import sys
 from typing import Dict, Tuple
 
 import pytest
@@ -28,7 +27,7 @@ from refconv_mm.experiments.shapes_data import CLASSES, make_classification_set
 from refconv_mm.merge import refconv_prefixes
 from refconv_mm.verify import build_model
 
-from .conftest import CONFIGS, run_tool
+from .conftest import CONFIGS, MIM, run_tool
 
 MBV3 = 'mmpretrain::mobilenet_v3/mobilenet-v3-large_8xb128_in1k.py'
 MBV2 = 'mmpretrain::mobilenet_v2/mobilenet-v2_8xb32_in1k.py'
@@ -358,8 +357,8 @@ def test_mim_train_mmpretrain_with_refconv_config(classifier, tmp_path):
     paths = write_config_pair(str(tmp_path), classifier['data_root'], 'cls', iters=1,
                               refocus_iters=1, size=CLS_SIZE, batch=4, val_interval=100,
                               load_from=classifier['base'])
-    mim = osp.join(osp.dirname(sys.executable), 'mim')
-    out = run_tool(mim, 'train', 'mmpretrain', paths['refconv'], '--gpus', '0', '--work-dir',
+    pytest.importorskip('mim', reason='openmim is not installed')
+    out = run_tool(*MIM, 'train', 'mmpretrain', paths['refconv'], '--gpus', '0', '--work-dir',
                    str(tmp_path / 'w'))
     log = out.stdout + out.stderr
     assert f'RefConvHook: {R18_REFCONV_LAYERS} RefConv layers' in log

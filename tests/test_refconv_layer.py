@@ -13,15 +13,14 @@ from refconv_mm import RefConv2d, RefConv2dAdaptivePadding, build_refconv, merge
 
 @pytest.mark.parametrize('scope', [None, 'mmdet', 'mmseg'])
 def test_registered_in_root_registry(scope):
-    import mmdet.registry  # noqa: F401
-    import mmseg.registry  # noqa: F401
+    import importlib
     from mmengine.registry import DefaultScope
     name = f'refconv_scope_{scope}'
     if scope is None:
         assert MODELS.get('RefConv') is build_refconv and MODELS.get('RefConv2d') is RefConv2d
     else:
         DefaultScope.get_instance(name, scope_name=scope)
-        reg = {'mmdet': mmdet.registry.MODELS, 'mmseg': mmseg.registry.MODELS}[scope]
+        reg = importlib.import_module(f'{scope}.registry').MODELS
         assert reg.get('RefConv') is build_refconv
     assert isinstance(build_conv_layer(dict(type='RefConv'), 4, 8, 3), RefConv2d)
 
@@ -243,10 +242,15 @@ def test_weight_standardised_variant_matches_mmcv():
 
 def test_onnx_export_of_unmerged_layer_is_refused(tmp_path):
     """Exported unmerged, the refocusing transform would run at inference: refused, with the fix."""
+    import inspect
+    # the TorchScript exporter: torch >= 2.9 defaults to dynamo; torch < 2.5 has no such argument
+    kw = dict(dynamo=False) if 'dynamo' in inspect.signature(torch.onnx.export).parameters else {}
     model = nn.Sequential(RefConv2d(3, 4, 3, padding=1)).eval()
     with pytest.raises(RuntimeError, match='tools/merge_refconv.py'):
-        torch.onnx.export(model, (torch.randn(1, 3, 8, 8),), str(tmp_path / 'm.onnx'),
-                          dynamo=False)
+        torch.onnx.export(model, (torch.randn(1, 3, 8, 8),), str(tmp_path / 'm.onnx'), **kw)
     merged = merge_refconv(model)
-    torch.onnx.export(merged, (torch.randn(1, 3, 8, 8),), str(tmp_path / 'm.onnx'), dynamo=False)
+    import importlib.util
+    if importlib.util.find_spec('onnx') is None:  # torch 2.0's exporter imports it to write
+        pytest.skip('exporting the merged model needs the onnx package here; not installed')
+    torch.onnx.export(merged, (torch.randn(1, 3, 8, 8),), str(tmp_path / 'm.onnx'), **kw)
     assert (tmp_path / 'm.onnx').stat().st_size > 0

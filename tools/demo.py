@@ -143,6 +143,12 @@ def plot_curves(out: str, curves: dict, metrics: dict, metric_key: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import importlib.util
+    if not args.config and importlib.util.find_spec('mmdet') is None:
+        # the embedded default is a detector; a segmentation/classification user brings a config
+        raise SystemExit('demo: the default run trains an mmdet RetinaNet and mmdet is not '
+                         'installed; install mmdet 3.x or pass --config/--checkpoint of your '
+                         'own mmseg/mmpretrain model')
     work = osp.abspath(args.work_dir)
     if osp.isdir(work) and os.listdir(work) and not args.force:
         raise SystemExit(f'demo: {work} exists and is not empty; pass --force to reuse it '
