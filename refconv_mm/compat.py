@@ -6,7 +6,8 @@ Ranges (README "Install into your environment"): the low ends are the oldest sta
 import re
 from typing import Tuple
 
-__all__ = ['SUPPORTED', 'parse_version', 'check_environment', 'torch_version']
+__all__ = ['SUPPORTED', 'COMPILE_MIN_TORCH', 'parse_version', 'check_environment',
+           'torch_version']
 
 # name -> (lowest allowed, first refused, the pip requirement that names the range)
 SUPPORTED = {
@@ -14,6 +15,9 @@ SUPPORTED = {
     'mmcv': ((2, 0, 0), (2, 2, 0), 'mmcv>=2.0.0,<2.2.0'),
     'mmengine': ((0, 10, 0), (1, 0, 0), 'mmengine>=0.10.0,<1.0.0'),
 }
+# torch.compile with RefConv: torch 2.0's dynamo does not tell traced code that it traces
+# (torch._dynamo.is_compiling() is False there), so the layer cannot take its traceable path.
+COMPILE_MIN_TORCH = (2, 1, 0)
 # What to run for each, said in the error (mmcv's compiled ops are built for one torch).
 _FIX = {
     'torch': 'install a torch in that range with an mmcv built for it '

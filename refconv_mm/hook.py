@@ -98,6 +98,13 @@ class RefConvHook(Hook):
                 "conv_cfg=dict(type='RefConv') to the modules to refocus, or wrap the model: "
                 "model = dict(_delete_=True, type='RefConvModel', model=_base_.model); and "
                 "custom_imports=dict(imports=['refconv_mm']) to the config.")
+        from .compat import COMPILE_MIN_TORCH, torch_version
+        if runner.cfg.get('compile') and torch_version() < COMPILE_MIN_TORCH:
+            raise RuntimeError(
+                'RefConvHook: torch.compile (the config\'s `compile`) with RefConv needs torch '
+                f'>= {".".join(map(str, COMPILE_MIN_TORCH[:2]))}; this is torch '
+                f'{torch.__version__}, whose dynamo cannot tell the layer it is being traced. '
+                'Remove `compile` from the config or upgrade torch.')
         thawed = [m for m in layers if m.weight.requires_grad
                   or (m.bias is not None and m.bias.requires_grad)]
         if thawed:

@@ -132,3 +132,17 @@ def test_bad_recipe():
     from refconv_mm.hook import RefConvHook
     with pytest.raises(ValueError, match='recipe'):
         RefConvHook(recipe='everything')
+
+
+@pytest.mark.parametrize('compile_cfg', [True, dict(backend='eager')])
+def test_compile_needs_torch_2_1(base_ckpt, tmp_path, compile_cfg):
+    """torch 2.0's dynamo cannot tell a traced RefConv that it is traced: the hook refuses the
+    config's ``compile`` there, in one sentence, and accepts it from torch 2.1 on."""
+    from refconv_mm.compat import COMPILE_MIN_TORCH, torch_version
+    from refconv_mm.hook import RefConvHook
+    runner = refocus_runner(base_ckpt, tmp_path, iters=1, extra=f'compile = {compile_cfg!r}\n')
+    if torch_version() < COMPILE_MIN_TORCH:
+        with pytest.raises(RuntimeError, match=r'with RefConv needs torch >= 2\.1'):
+            RefConvHook().before_run(runner)
+    else:
+        RefConvHook().before_run(runner)
