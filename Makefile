@@ -7,7 +7,8 @@ PY_OLDEST := .venv-py38/bin/python
 # installs and install hygiene.
 CORE_TESTS := tests/test_refocus.py tests/test_refconv_layer.py tests/test_convert.py \
 	tests/test_merge.py tests/test_hook.py tests/test_checkpoint.py tests/test_pipeline_e2e.py \
-	tests/test_compat.py tests/test_partial_installs.py tests/test_install.py
+	tests/test_compat.py tests/test_partial_installs.py tests/test_install.py \
+	tests/test_amp_layer.py tests/test_step_sharing.py
 
 .PHONY: env demo test bench env-oldest test-oldest
 env:
