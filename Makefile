@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PY_OLDEST := .venv-py38/bin/python
 # What CI runs in the oldest stack: layer math, convert/merge, hook, checkpoint safety, the
 # mmdet and mmseg pipelines end to end (mim train included), the version check, partial
-# installs and install hygiene.
+# installs, install hygiene, and the layer under AMP and step sharing.
 CORE_TESTS := tests/test_refocus.py tests/test_refconv_layer.py tests/test_convert.py \
 	tests/test_merge.py tests/test_hook.py tests/test_checkpoint.py tests/test_pipeline_e2e.py \
 	tests/test_compat.py tests/test_partial_installs.py tests/test_install.py \
