@@ -19,16 +19,9 @@ if [[ "$ver" != "3.11" ]]; then
     echo "            Set PYTHON=/path/to/python3.11 and run again." >&2
     exit 2
 fi
-command -v c++ >/dev/null 2>&1 || { echo "refconv_mm: a C++ compiler (c++) is needed to build mmcv's CPU ops." >&2; exit 2; }
-
-# The venv takes 5.7 GB (torch's CUDA runtime); stop before pip fills a shared disk half-way.
-free_mb=$(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print int($4 / 1024)}')
-if [[ ! -x "$VENV/bin/python" ]] && (( free_mb < 6 * 1024 )); then
-    echo "refconv_mm: $(dirname "$VENV") has $free_mb MB free; the environment needs about 6 GB" \
-        "(more while pip's cache is empty)." >&2
-    echo "            Free some space, or set REFCONV_VENV=/path/on/a/larger/disk/.venv." >&2
-    exit 2
-fi
+source "$ROOT/tools/env_checks.sh"
+need_cxx
+need_disk "$VENV" REFCONV_VENV
 echo "[setup] virtual environment: $VENV"
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)

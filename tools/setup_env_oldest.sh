@@ -27,13 +27,9 @@ WANT="$(cat "$ROOT/requirements/oldest.txt" "$ROOT/requirements/mminstall.txt" \
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
     exit 0
 fi
-command -v c++ >/dev/null 2>&1 || { echo "refconv_mm: a C++ compiler (c++) is needed to build mmcv's CPU ops." >&2; exit 2; }
-free_mb=$(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print int($4 / 1024)}')
-if [[ ! -x "$VENV/bin/python" ]] && (( free_mb < 6 * 1024 )); then
-    echo "refconv_mm: $(dirname "$VENV") has $free_mb MB free; the oldest stack needs about 6 GB." \
-        "Free some space, or set REFCONV_OLD_VENV=/path/on/a/larger/disk/.venv-py38." >&2
-    exit 2
-fi
+source "$ROOT/tools/env_checks.sh"
+need_cxx
+need_disk "$VENV" REFCONV_OLD_VENV
 echo "[setup-oldest] virtual environment: $VENV ($("$PY" --version))"
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 # A local wheel directory may hold a newer CPU torch for another Python: take the registry's.
