@@ -8,8 +8,8 @@ kernel actually used is ``W = W_b + T(W_b)`` (RefConv, arXiv 2310.10563).
 
 For a regular conv (g=1) every 2-D kernel is refocused on its own; for a
 depthwise conv (g=Cin=Cout) a single group mixes all channels' kernels.
-The layer's forward, its eval cache and the state-dict merge all call
-:func:`refocus_kernel`.
+The layer's forward (with and without grad, eager and compiled, under autocast or not),
+the recompute for backward and the state-dict merge all call :func:`refocus_kernel`.
 """
 import contextlib
 from typing import ContextManager, Optional, Tuple
