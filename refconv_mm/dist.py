@@ -6,7 +6,10 @@ import torch.distributed as torch_dist
 from mmengine.model import MMDistributedDataParallel
 from mmengine.registry import MODEL_WRAPPERS
 
-__all__ = ['DeviceAgnosticDDP', 'setup_distributed']
+__all__ = ['DeviceAgnosticDDP', 'launcher_env_problem', 'setup_distributed']
+
+# What torchrun exports to each process and mmengine's `pytorch` launcher reads.
+TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
 
 @MODEL_WRAPPERS.register_module()
@@ -22,6 +25,22 @@ class DeviceAgnosticDDP(MMDistributedDataParallel):
             kwargs['device_ids'] = None
             kwargs['output_device'] = None
         super().__init__(module, detect_anomalous_params=detect_anomalous_params, **kwargs)
+
+
+def launcher_env_problem(launcher: str, tool: str) -> str:
+    """Why ``--launcher pytorch`` cannot start in this process ('' when it can).
+
+    Started outside torchrun, the variables it sets are missing and the launcher would end in
+    a bare ``KeyError: 'RANK'``.
+    """
+    if launcher != 'pytorch':
+        return ''
+    missing = [v for v in TORCHRUN_VARS if v not in os.environ]
+    if not missing:
+        return ''
+    return (f'--launcher pytorch needs the variables torchrun sets ({", ".join(missing)} '
+            f'missing): run `torchrun --nproc_per_node N {tool} CONFIG ... --launcher pytorch`, '
+            'or leave out --launcher for one process.')
 
 
 def setup_distributed(cfg, launcher: str) -> None:

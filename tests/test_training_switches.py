@@ -5,15 +5,18 @@ needs the Runner between calls), real mmdet RetinaNet and mmseg FCN configs from
 packages, real checkpoints on disk. The refocused model and the merged one (ORIGINAL config)
 must give the same predictions: bit for bit, under AMP as in fp32.
 """
+import os
 import os.path as osp
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from refconv_mm.experiments.shapes_configs import write_config_pair
 
-from .conftest import run_tool
+from .conftest import ROOT, run_tool
 
 TESTS = osp.dirname(osp.abspath(__file__))
 AMP_EXTRA = ("custom_imports = dict(imports=['refconv_mm', 'cpu_amp'], "
@@ -275,3 +278,19 @@ def test_resnet_with_cp_same_gradients(amp, monkeypatch):
     assert grads[0].keys() == grads[1].keys() and any('refocus' in k for k in grads[0])
     for k in grads[0]:
         assert torch.equal(grads[0][k], grads[1][k]), k
+
+
+@pytest.mark.parametrize('tool', ['tools/train.py', 'tools/test.py'])
+def test_launcher_pytorch_outside_torchrun_is_one_line(tool, det_data, tmp_path):
+    """DDP's launcher started without torchrun: one line naming the missing variables and the
+    torchrun command, exit 2 (it was a bare ``KeyError: 'RANK'``)."""
+    paths = write_config_pair(str(tmp_path), det_data['data_root'], 'det', iters=1, size=64,
+                              batch=2)
+    args = [paths['refconv']] + (['ckpt.pth'] if tool.endswith('test.py') else [])
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'MASTER_PORT')}
+    proc = subprocess.run([sys.executable, tool, *args, '--launcher', 'pytorch'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(tool + ':')]
+    assert len(lines) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    assert 'RANK' in lines[0] and 'WORLD_SIZE' in lines[0] and 'torchrun' in lines[0]

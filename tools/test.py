@@ -6,13 +6,14 @@
 import argparse
 import os
 import os.path as osp
+import sys
 
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import refconv_mm  # noqa: F401
-from refconv_mm.dist import setup_distributed
+from refconv_mm.dist import launcher_env_problem, setup_distributed
 
 
 def parse_args(argv=None):
@@ -35,6 +36,10 @@ def parse_args(argv=None):
 
 
 def build_runner(args) -> Runner:
+    why = launcher_env_problem(args.launcher, 'tools/test.py')
+    if why:
+        print(f'tools/test.py: {why}', file=sys.stderr)
+        sys.exit(2)
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:

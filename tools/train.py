@@ -16,7 +16,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import refconv_mm  # noqa: F401  (RefConv, RefConvHook, checkpoint loading)
-from refconv_mm.dist import setup_distributed
+from refconv_mm.dist import launcher_env_problem, setup_distributed
 
 
 def parse_args(argv=None):
@@ -52,6 +52,10 @@ def amp_unavailable(cfg) -> str:
 
 
 def build_runner(args) -> Runner:
+    why = launcher_env_problem(args.launcher, 'tools/train.py')
+    if why:
+        print(f'tools/train.py: {why}', file=sys.stderr)
+        sys.exit(2)
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
