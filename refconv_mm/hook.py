@@ -9,6 +9,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch.nn.parallel import DistributedDataParallel
 
+from .compat import COMPILE_MIN_TORCH, torch_version
 from .refconv import RefConv2d
 
 __all__ = ['RefConvHook', 'refconv_summary']
@@ -98,7 +99,6 @@ class RefConvHook(Hook):
                 "conv_cfg=dict(type='RefConv') to the modules to refocus, or wrap the model: "
                 "model = dict(_delete_=True, type='RefConvModel', model=_base_.model); and "
                 "custom_imports=dict(imports=['refconv_mm']) to the config.")
-        from .compat import COMPILE_MIN_TORCH, torch_version
         if runner.cfg.get('compile') and torch_version() < COMPILE_MIN_TORCH:
             raise RuntimeError(
                 'RefConvHook: torch.compile (the config\'s `compile`) with RefConv needs torch '
