@@ -70,7 +70,8 @@ merged model's eval output to equal the unmerged one's exactly. ``--compile``: a
 ``plain+compile`` and ``refconv_mm+compile``, copies of ``plain`` and ``refconv_mm`` whose forward
 and loss run through ``torch.compile`` (``--compile-backend``, inductor by default; backward
 through the compiled graph, the optimizer step eager), timed in the same rounds as the eager
-variants; the first (compiling) call is timed apart and its graph breaks and graphs counted.
+variants; the first (compiling) call is timed apart, from empty dynamo caches, and its graph
+breaks and graphs counted (the warm-up rounds then compile the earlier variants again).
 
 Prints progress, a Markdown table with the targets this script can check (refconv_mm's training
 step no slower than the seed's, on medians and paired; peak memory no worse than the README's
@@ -740,10 +741,15 @@ def run_model(bench: Bench, args: argparse.Namespace, device: torch.device) -> d
 
 def compile_first_steps(bench: Bench, variants: Dict[str, Variant], names: Sequence[str], data,
                         device: torch.device) -> Dict[str, dict]:
-    """Run each compiled variant's first (compiling) step; its time, graph breaks and graphs."""
+    """Run each compiled variant's first (compiling) step; its time, graph breaks and graphs.
+
+    Dynamo's caches are emptied before each, so a variant's counts include the frames it shares
+    with the one compiled before it (mmdet's loss code); the warm-up rounds compile them again.
+    """
     from torch._dynamo.utils import counters
     out = {}
     for name in names:
+        torch._dynamo.reset()
         counters.clear()
         dt, loss = timed(lambda: train_step(bench, variants[name], data), device)
         breaks = sum(counters['graph_break'].values())
