@@ -79,7 +79,7 @@ if __name__ == '__main__':
             mmseg=['mmsegmentation>=1.0.0,<1.3.0', 'ftfy', 'regex'],
             mmpretrain=['mmpretrain>=1.0.0,<1.3.0'],
             tests=parse_requirements('requirements/tests.txt'),
-            # README "Deploy"; requirements/deploy.txt has the same pins
+            # docs/deploy.md; requirements/deploy.txt has the same pins
             deploy=['mmdeploy==1.3.1', 'onnx==1.17.0', 'protobuf==3.20.2',
                     'onnxruntime==1.26.0']),
         zip_safe=False)

@@ -1,6 +1,6 @@
 """The supported range of torch / mmcv / mmengine, checked at ``import refconv_mm``.
 
-Ranges (README "Install into your environment"): the low ends are the oldest stack tested
+Ranges (docs/installation.md, "Install into your environment"): the low ends are the oldest stack tested
 (requirements/oldest.txt), the high ends the pinned one (requirements/runtime.txt).
 """
 import re

@@ -1,4 +1,5 @@
-"""The speed benchmark's timing protocol: rotated rounds, paired ratios, page-fault counts."""
+"""The speed tool: its timing protocol (rotated rounds, paired ratios, page faults) and its views."""
+import json
 import os.path as osp
 import sys
 
@@ -40,7 +41,7 @@ def test_summary_reports_paired_ratios_and_mean_faults():
     met = {t['what']: t['met'] for t in ref['targets']}
     assert met == {'train <= seed': True, 'train <= seed (paired)': True, 'memory': True,
                    'eval unmerged': True}
-    # slower than the seed in every round, and memory above the README's 1.30x
+    # slower than the seed in every round, and memory above docs/benchmarks.md's 1.30x
     res['train_times_s']['refconv_mm'] = [1.2 * t for t in plain]
     res['memory_bytes']['refconv_mm'] = {'peak': 131}
     ref = {r['variant']: r for r in sm.summarize('mobilenetv2', res)}['refconv_mm']
@@ -77,3 +78,44 @@ def test_minor_faults_counts_touched_pages():
     for i in range(0, len(buf), 4096):
         buf[i] = 1
     assert sm.minor_faults() - before >= 1000
+
+
+SMALL = ['--models', 'mobilenetv2', '--mobilenetv2-size', '32', '--mobilenetv2-batch', '2']
+
+
+def test_ops_view_profiles_every_variant_in_every_round(tmp_path):
+    """--ops: the rounds rotate, every variant's ops are summed per step, and refconv_mm's extra
+    ops are the transform's (bmm / addcmul), which plain never runs."""
+    out = tmp_path / 'ops.json'
+    res = sm.main(['--ops', *SMALL, '--rounds', '2', '--top', '3', '--out', str(out)])
+    assert json.loads(out.read_text())['results'].keys() == {'mobilenetv2'}
+    assert not list(tmp_path.glob('*.tmp'))  # written atomically
+    ops = res['results']['mobilenetv2']
+    assert set(ops) == set(sm.TRAIN_VARIANTS)
+    assert all(len(ops[v]['walls_s']) == 2 for v in ops)
+    assert 'aten::bmm' in ops['refconv_mm']['ops_ms'] and 'aten::bmm' not in ops['plain']['ops_ms']
+    conv = {v: ops[v]['calls']['aten::convolution'] for v in ops}
+    assert conv['refconv_mm'] > conv['plain']  # the stem's 3x3 transform is a grouped conv
+
+
+def test_transform_cost_view_against_a_speed_run(tmp_path):
+    """--transform-cost: every trainable RefConv is timed once per layer type, the seed's per-call
+    cost equals refconv_mm's where each layer runs once per step, and the shares are those of the
+    speed run's plain step."""
+    plain = [0.5, 0.5, 0.5]
+    rows = sm.summarize('mobilenetv2', {
+        'train_times_s': {'plain': plain, 'seed': [0.6] * 3, 'refconv_mm': [0.55] * 3},
+        'eval_times_s': {v: [1.0] * 3 for v in sm.EVAL_VARIANTS},
+        'memory_bytes': {v: {'peak': 100} for v in sm.TRAIN_VARIANTS}})
+    speed = tmp_path / 'speed.json'
+    speed.write_text(json.dumps({'rows': rows}))
+    res = sm.main(['--transform-cost', *SMALL, '--reps', '1', '--speed-json', str(speed),
+                   '--out', str(tmp_path / 'cost.json')])['results']['mobilenetv2']
+    kinds = {(tuple(g['kernel']), g['grouped']): g['layers'] for g in res['groups']}
+    assert kinds == {((1, 1), False): 34, ((3, 3), False): 1, ((3, 3), True): 17}
+    assert res['seed_transform_per_call_s'] == pytest.approx(
+        sum(g['forward_grad_s'] for g in res['groups']))
+    check = res['vs_speed_json'][str(speed)]
+    assert check['refconv_mm_gap'] == pytest.approx(0.1)
+    assert check['per-layer']['share'] == pytest.approx(res['transform_per_layer_s'] / 0.5)
+    assert res['optimizer']['refocus_params'] > res['optimizer']['basis_params']

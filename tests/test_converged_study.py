@@ -208,6 +208,13 @@ def test_study_end_to_end(tmp_path):
     assert os.stat(done).st_mtime_ns == mtime
     assert json.load(open(work / 'results.json'))['results']['digits']['arms']['zero'][
         'values'] == res['arms']['zero']['values']
+    # --short: no plateau probes; the arms start from round 1, which here are the same runs
+    proc = run_tool(*args, '--short', timeout=300)
+    assert 'round 2 over' not in proc.stdout and 'short budget' in proc.stdout
+    short = json.load(open(work / 'results.json'))['results']['digits']
+    assert short['plateau']['short'] and 'probe_metrics' not in short['plateau']['rounds'][0]
+    assert short['arms']['zero']['values'] == res['arms']['zero']['values']
+    assert os.stat(done).st_mtime_ns == mtime
     # your own model: the ORIGINAL config and its trained checkpoint, whole-model arms
     mine = tmp_path / 'mine'
     proc = run_tool('tools/benchmark/converged_study.py', '--config',

@@ -8,7 +8,7 @@ through the tools on the generated shapes data).
 - mmdet's ``init_detector`` cannot build a ``RefConvModel`` config with ``cfg_options=None``:
   it evaluates ``'init_cfg' in config.model.backbone`` and raises ``AttributeError`` (a
   RefConvModel dict has no ``backbone``); any ``cfg_options`` (even ``{}``) skips that read,
-  which the tests here use and README documents.
+  which the tests here use and docs/user_guide.md documents.
 
 Tolerances: raw outputs and the APIs' scores/logits |merged - refocused| <= 1e-5 + 1e-5 *
 max|output| (the tolerance of ``tools/merge_refconv.py --verify``); boxes 1e-3 px; labels and
@@ -297,7 +297,7 @@ def test_refocused_kernels_differ_from_baseline(runs, task, route):
 
 def test_init_detector_needs_cfg_options_for_refconv_model_config(runs):
     """mmdet 3.3.0's init_detector reads ``config.model.backbone`` when ``cfg_options`` is None;
-    a RefConvModel config keeps it at ``model.model.backbone``. README documents the workaround
+    a RefConvModel config keeps it at ``model.model.backbone``. docs/user_guide.md documents the workaround
     (any ``cfg_options``, even ``{}``), which the tests above use; this pins the upstream line."""
     from mmdet.apis import init_detector
     r = runs['det']

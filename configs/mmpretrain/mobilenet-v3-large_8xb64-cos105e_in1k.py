@@ -1,6 +1,6 @@
 # Plain MobileNetV3-Large (mmpretrain::mobilenet_v3/mobilenet-v3-large_8xb128_in1k.py) with the
 # official RefConv recipe, which trains the baseline and refocuses it with the same schedule.
-# The RefConv configs beside this file inherit it; README "Classification (mmpretrain)" lists
+# The RefConv configs beside this file inherit it; docs/user_guide.md "Classification (mmpretrain)" lists
 # where it departs from the official code.
 _base_ = 'mmpretrain::mobilenet_v3/mobilenet-v3-large_8xb128_in1k.py'
 

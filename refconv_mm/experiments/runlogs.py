@@ -1,6 +1,6 @@
 """Reading what an mmengine run left in its work dir: checkpoints, metrics, loss curves.
 
-Shared by ``tools/demo.py``, ``tools/benchmark/accuracy.py`` and the end-to-end tests, which
+Shared by ``tools/demo.py`` and the end-to-end tests, which
 all drive ``tools/train.py`` / ``tools/test.py`` as subprocesses and read their results back.
 """
 import glob

@@ -33,7 +33,10 @@ from a config file (in ``--workers`` processes); finished runs are cached in the
 so a second call resumes.
 
     python tools/benchmark/converged_study.py [--tasks digits mnist5k seg det] [--seeds 10]
-        [--work-dir outputs/benchmark/converged] [--workers 2]
+        [--work-dir outputs/benchmark/converged] [--workers 2] [--short]
+
+``--short`` skips step 1's plateau search: the arms start from round 1's checkpoint, the same
+comparison for a model trained briefly (where continued training still helps most).
 
 Your own model (any mmpretrain/mmdet/mmseg config; one round = the config's own schedule;
 the RefConv arms use the whole-model route, which needs no knowledge of the model's modules):
@@ -378,6 +381,9 @@ class Study:
                        final_train_loss=base['final_train_loss'])]
         origin = 'your checkpoint' if self.task == 'custom' else 'from scratch'
         log(f"{self.task}: round 1 ({origin}): {base['metric']:.4g}, {base['train_s']:.0f}s")
+        if a.short:  # the arms start from round 1, however far from a plateau it is
+            return dict(rounds=rounds, plateau_round=1, reached=False, short=True,
+                        checkpoint=base['checkpoint'], baseline=base['metric'])
         for r in range(1, a.max_rounds + 1):
             futs = [self.submit('continue', f'round{r + 1}', s, base['checkpoint'],
                                 keep_checkpoint=(s == 0)) for s in range(a.probe_seeds)]
@@ -439,7 +445,9 @@ def summarise(task: str, plateau: Dict[str, object], runs: Dict[str, List[Dict[s
 def markdown(task: str, res: Dict[str, object]) -> str:
     """The task's table: arm, mean ± std, paired difference to its control [95 % CI], seeds."""
     p, t = res['plateau'], res['plateau_test']
-    lines = [f"**{task}** ({res['metric'][1]}): baseline after {p['plateau_round']} round(s) "
+    budget = ' (short budget: no plateau search)' if p.get('short') else ''
+    lines = [f"**{task}** ({res['metric'][1]}): baseline after {p['plateau_round']} round(s)"
+             f"{budget} "
              f"{p['baseline']:.2f}; plateau test, a further round of the same schedule "
              f"(= continue, {t['n']} seeds): {t['mean']:+.2f} [{t['lo']:+.2f}, {t['hi']:+.2f}]",
              '', '| arm | mean ± std | minus control (paired, 95 % CI) | control | seeds '
@@ -505,6 +513,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--probe-seeds', type=int, default=4,
                    help='seeds of the further round that tests the plateau after each round')
     p.add_argument('--max-rounds', type=int, default=6)
+    p.add_argument('--short', action='store_true',
+                   help='short budget: the arms start from round 1 without a plateau search '
+                   '(the question asked of a briefly trained model)')
     p.add_argument('--arms', nargs='+', default=list(ARMS), choices=ARMS,
                    help='arms of the classification tasks')
     p.add_argument('--mm-arms', nargs='+', default=None, choices=ARMS,

@@ -1,10 +1,28 @@
-"""Training-step time, peak memory and eval-forward time: plain conv vs seed RefConv vs refconv_mm.
+"""What RefConv costs per training step, and where the time goes: plain conv vs seed vs refconv_mm.
 
     python tools/benchmark/speed_memory.py [--models retinanet mobilenetv2] [--steps N]
-        [--warmup N] [--eval-steps N] [--device cpu|cuda] [--out PATH] [--op-profile K]
+        [--warmup N] [--eval-steps N] [--device cpu|cuda] [--out PATH]
         [--retinanet-size 512] [--retinanet-batch 2] [--mobilenetv2-size 224]
         [--mobilenetv2-batch 16] [--optimizer default|foreach|fused]
         [--amp] [--compile [--compile-backend inductor]]
+    python tools/benchmark/speed_memory.py --ops [--rounds 8] [--top 25] [...]
+    python tools/benchmark/speed_memory.py --transform-cost [--reps 7] [--speed-json RUN.json ...]
+
+One tool, three views of the same models, variants and optimizer:
+
+* default: training-step time, peak memory and eval-forward time, variants side by side;
+* ``--ops``: per-op *self* time of a training step, every variant profiled in every round
+  (rounds rotated as below, one untimed round first), summed per step over ``--rounds``: the
+  total op time per variant and the ``--top`` ops that differ most between refconv_mm and plain,
+  the seed beside them (the transform's ``bmm`` / ``addcmul`` / grouped conv, the optimizer's
+  update over the refocusing weights, autograd's bookkeeping of the extra nodes);
+* ``--transform-cost``: the refocusing transform alone, per trainable RefConv, without grad
+  (forward) and with grad to the refocusing weights (what backward needs), medians over
+  ``--reps``, summed per kernel size and grouping, per layer (hot) and in sequence (one pass
+  over every layer, as a step runs them, cold); beside it the seed's cost (it refocuses on every
+  call of a layer) and the optimizer extra (SGD over the refocusing weights minus SGD over
+  basis-shaped weights). With ``--speed-json`` (results of the default view) each is given as a
+  share of that run's plain step, beside refconv_mm's measured gap over plain.
 
 Models (each built three times, from the same plain weights):
 
@@ -74,11 +92,14 @@ variants; the first (compiling) call is timed apart, from empty dynamo caches, a
 breaks and graphs counted (the warm-up rounds then compile the earlier variants again).
 
 Prints progress, a Markdown table with the targets this script can check (refconv_mm's training
-step no slower than the seed's, on medians and paired; peak memory no worse than the README's
+step no slower than the seed's, on medians and paired; peak memory no worse than docs/benchmarks.md's
 figures, 1.12x plain on RetinaNet and 1.30x on MobileNetV2; eval unmerged <= 1.20x; merged equal
 to plain within noise), and writes everything as JSON to ``--out``. The remaining target, the
 train ratio within the refocusing share + 1 pp, needs the transform's cost:
-``refocus_cost.py --speed-json`` checks it on this script's JSON.
+``--transform-cost --speed-json`` prints it beside this view's JSON.
+
+On a machine without a GPU the profiler's probe for one fails with an ERROR line and logs its
+stages; :func:`quiet_profiler` silences kineto's log there (``KINETO_LOG_LEVEL``, unless set).
 """
 import argparse
 import contextlib
@@ -111,15 +132,16 @@ if ROOT not in sys.path:  # run from a checkout without the editable install
     sys.path.insert(0, ROOT)
 
 from refconv_mm import RefConv2d, merge_refconv  # noqa: E402
+from refconv_mm.refocus import refocus_kernel  # noqa: E402
 
 TRAIN_VARIANTS = ('plain', 'seed', 'refconv_mm')
 EVAL_VARIANTS = ('plain', 'seed', 'refconv_mm', 'merged')
-# Peak memory x plain must not get worse than the README's (the frozen basis and the refocusing
+# Peak memory x plain must not get worse than docs/benchmarks.md's (the frozen basis and the refocusing
 # weights' gradient and momentum are the floor).
 MEMORY_TARGETS = {'retinanet': 1.12, 'mobilenetv2': 1.30}
 # The unmerged model computes every kernel on every no-grad call (so no write, EMA's .data swaps
 # included, leaves it stale): 1.19x plain measured on MobileNetV2, whose depthwise transforms
-# mix all channels' kernels (README "Training switches"). The merged model pays nothing.
+# mix all channels' kernels (docs/training_switches.md). The merged model pays nothing.
 EVAL_UNMERGED_TARGET = 1.20
 MERGED_MIN_NOISE = 0.01  # merged == plain "within noise": at least 1 %, or plain's IQR/median
 DEFAULT_STEPS = {'retinanet': 5, 'mobilenetv2': 10}
@@ -282,7 +304,7 @@ BENCH_SIZES = {'retinanet': (512, 2), 'mobilenetv2': (224, 16)}  # (image size, 
 
 def make_bench(name: str, size: Optional[int] = None, batch: Optional[int] = None) -> Bench:
     """The benchmark ``name`` (``retinanet``, ``mobilenetv2``); size and batch default to
-    :data:`BENCH_SIZES`, the sizes every figure in the README uses."""
+    :data:`BENCH_SIZES`, the sizes every figure in docs/benchmarks.md uses."""
     default_size, default_batch = BENCH_SIZES[name]
     build = {'retinanet': retinanet_bench, 'mobilenetv2': mobilenetv2_bench}[name]
     return build(size or default_size, batch or default_batch)
@@ -627,17 +649,6 @@ def _iqr_rel(xs: Sequence[float]) -> float:
     return (q[2] - q[0]) / _median(xs)
 
 
-def op_profile(bench: Bench, v: Variant, data, top: int, device: torch.device) -> str:
-    """``key_averages`` table (top ``top`` ops by self time) of one training step."""
-    from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-    with profile(activities=acts, profile_memory=True) as prof:
-        train_step(bench, v, data)
-        _sync(device)
-    key = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
-    return prof.key_averages().table(sort_by=key, row_limit=top)
-
-
 def run_model(bench: Bench, args: argparse.Namespace, device: torch.device) -> dict:
     """Checks, training timing, peak memory and eval timing for one model's variants."""
     MMLogger.get_current_instance().setLevel(logging.WARNING)  # init_weights logs every param
@@ -700,12 +711,6 @@ def run_model(bench: Bench, args: argparse.Namespace, device: torch.device) -> d
             f' + step increase {inc / MIB:.1f} (incl. grads of '
             f'{static["trainable_param_bytes"] / MIB:.1f} trainable)')
 
-    profiles = {}
-    if args.op_profile:
-        for name in ('plain', 'refconv_mm', 'seed'):
-            profiles[name] = op_profile(bench, variants[name], data, args.op_profile, device)
-            log(f'  [op profile] {bench.name} {name}, one training step:\n{profiles[name]}')
-
     # Eval: merged copy of the (trained) refconv_mm model, checked against the unmerged one.
     models = {n: variants[n].model.eval() for n in EVAL_VARIANTS if n in variants}
     models['merged'] = merge_refconv(copy.deepcopy(models['refconv_mm'])).eval()
@@ -731,7 +736,7 @@ def run_model(bench: Bench, args: argparse.Namespace, device: torch.device) -> d
         'desc': bench.desc, 'steps': steps, 'eval_steps': eval_steps, 'warmup': args.warmup,
         'info': info, 'checks': checks, 'train_times_s': train_times,
         'train_minor_faults': train_faults, 'memory_bytes': memory,
-        'eval_times_s': eval_times, 'op_profiles': profiles,
+        'eval_times_s': eval_times,
         'runtime_s': time.perf_counter() - t0,
     }
     del variants, models
@@ -759,6 +764,198 @@ def compile_first_steps(bench: Bench, variants: Dict[str, Variant], names: Seque
         log(f'  [compile] {name}: first step {dt:.1f}s (loss {loss:.4f}), '
             f'{out[name]["graphs"]} graphs, {breaks} graph breaks')
     return out
+
+
+# -- --ops: per-op self time, variants interleaved -----------------------------------------
+def quiet_profiler() -> None:
+    """Silence kineto's log where there is no GPU: its probe for one fails with an ERROR line."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault('KINETO_LOG_LEVEL', '6')  # above USDT, kineto's highest level
+
+
+def op_times(bench: Bench, variants: Dict[str, Variant], data, rounds: int,
+             device: torch.device) -> Dict[str, dict]:
+    """``{variant: {'ops': {op: ms/step}, 'calls': {op: calls/step}, 'walls': [s]}}``."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    attr = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    steps: Dict[str, list] = {n: [] for n in TRAIN_VARIANTS}  # per step: {op: (ms, calls)}
+
+    def run(name: str) -> Tuple[float, Any]:
+        with profile(activities=acts) as prof:
+            out = timed(lambda: train_step(bench, variants[name], data), device)
+        steps[name].append({e.key: (getattr(e, attr) / 1e3, e.count)
+                            for e in prof.key_averages()})
+        return out
+    walls = round_robin(TRAIN_VARIANTS, 1, rounds, run, 'ops')
+    res = {}
+    for name, per_step in steps.items():
+        ops: Dict[str, float] = {}
+        calls: Dict[str, float] = {}
+        for step in per_step[1:]:  # the first is the warm-up round's
+            for key, (ms, count) in step.items():
+                ops[key] = ops.get(key, 0.0) + ms / rounds
+                calls[key] = calls.get(key, 0.0) + count / rounds
+        res[name] = {'ops_ms': ops, 'calls': calls, 'walls_s': walls[name]}
+    return res
+
+
+def ops_report(name: str, res: Dict[str, dict], top: int) -> str:
+    """The totals and the ``top`` ops that differ most between refconv_mm and plain, as text."""
+    ops = {n: res[n]['ops_ms'] for n in TRAIN_VARIANTS}
+    lines = [f'{name}: step wall (median, profiled) ' + ', '.join(
+        f'{n} {_median(res[n]["walls_s"]):.3f}s' for n in TRAIN_VARIANTS),
+        '  op self time per step (ms): ' + ', '.join(
+            f'{n} {sum(ops[n].values()):.1f}' for n in TRAIN_VARIANTS)]
+    keys = set().union(*ops.values())
+    diff = sorted(keys, key=lambda k: -abs(ops['refconv_mm'].get(k, 0) - ops['plain'].get(k, 0)))
+    lines.append(f'  {"op":44s} {"plain":>8s} {"seed":>8s} {"refconv_mm":>10s} '
+                 f'{"ref-plain":>9s} {"ref-seed":>9s}  calls plain/seed/ref')
+    for k in diff[:top]:
+        p, s, r = (ops[n].get(k, 0.0) for n in TRAIN_VARIANTS)
+        calls = '/'.join(f'{res[n]["calls"].get(k, 0):.0f}' for n in TRAIN_VARIANTS)
+        lines.append(f'  {k[:44]:44s} {p:8.1f} {s:8.1f} {r:10.1f} {r - p:+9.1f} {r - s:+9.1f}  '
+                     f'{calls}')
+    return '\n'.join(lines)
+
+
+def run_ops(bench: Bench, args: argparse.Namespace, device: torch.device) -> dict:
+    """The ``--ops`` view of one model."""
+    MMLogger.get_current_instance().setLevel(logging.WARNING)
+    log(f'\n== {bench.name}: {bench.desc}, {args.rounds} profiled rounds, device {device}')
+    variants, _ = build_variants(bench, device, args.optimizer, args.amp)
+    res = op_times(bench, variants, bench.make_batch(device), args.rounds, device)
+    log(ops_report(bench.name, res, args.top))
+    return res
+
+
+# -- --transform-cost: the refocusing transform alone ------------------------------------
+def calls_per_step(bench: Bench, model: nn.Module, layers: List[RefConv2d]) -> Dict[nn.Module, int]:
+    """How many times one training forward of ``model`` calls each layer."""
+    counts = {m: 0 for m in layers}
+
+    def count(module, inputs, output):
+        counts[module] += 1
+    handles = [m.register_forward_hook(count) for m in layers]
+    try:
+        with torch.no_grad():
+            bench.train_loss(model.train(), bench.make_batch(torch.device('cpu')))
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def layer_costs(layers: List[RefConv2d], reps: int, calls: Dict[nn.Module, int]) -> Dict[tuple, list]:
+    """``{(kernel size, grouped): [layers, fwd s, fwd+grad s, seed s per step]}``, per-layer
+    medians (hot); the seed refocuses on each of the layer's ``calls``."""
+    out: Dict[tuple, list] = {}
+    for m in layers:
+        basis = m.weight.detach()
+        r = m.refocus_weight.detach().clone().requires_grad_()
+        fwd, both = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                refocus_kernel(basis, r)
+            t1 = time.perf_counter()
+            k = refocus_kernel(basis, r)
+            torch.autograd.grad(k, r, torch.ones_like(k))
+            both.append(time.perf_counter() - t1)
+            fwd.append(t1 - t0)
+        row = out.setdefault((tuple(basis.shape[2:]), m.groups > 1), [0, 0.0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += _median(fwd)
+        row[2] += _median(both)
+        row[3] += calls[m] * _median(both)
+    return out
+
+
+def sequence_cost(layers: List[RefConv2d], reps: int) -> float:
+    """Median seconds of one pass doing every layer's per-step refocusing work in turn."""
+    items = [(m.weight.detach(), m.refocus_weight.detach().clone().requires_grad_(),
+              m.groups > 1) for m in layers]
+    totals = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        for basis, r, grouped in items:
+            if not grouped:  # g=1: the no-grad forward, then recompute + gradient in backward
+                with torch.no_grad():
+                    refocus_kernel(basis, r)
+            k = refocus_kernel(basis, r)
+            torch.autograd.grad(k, r, torch.ones_like(k))
+        totals.append(time.perf_counter() - t0)
+    return _median(totals[1:])  # the first pass warms the allocator
+
+
+def optimizer_extra(layers: List[RefConv2d], reps: int, impl: str, lr: float) -> dict:
+    """SGD step over the refocusing weights vs over basis-shaped weights (seconds, medians)."""
+    out = {}
+    for what, shapes in (('refocus', [m.refocus_weight.shape for m in layers]),
+                         ('basis', [m.weight.shape for m in layers])):
+        model = nn.Module()
+        model.params = nn.ParameterList([nn.Parameter(torch.randn(s)) for s in shapes])
+        for p in model.params:
+            p.grad = torch.randn_like(p)
+        opt = make_optimizer(model, lr, impl)
+        times = [timed(opt.step, torch.device('cpu'))[0] for _ in range(reps + 1)]
+        out[what] = _median(times[1:])  # the first step creates the momentum buffers
+        out[what + '_params'] = sum(p.numel() for p in model.params)
+        del model, opt
+    out['extra'] = out['refocus'] - out['basis']
+    return out
+
+
+def run_transform_cost(bench: Bench, args: argparse.Namespace, speeds: Dict[str, dict]) -> dict:
+    """The ``--transform-cost`` view of one model (CPU), with shares of ``speeds``' plain steps."""
+    model = bench.build(CONV_CFG['refconv_mm'])
+    layers = [m for m in refocus_layers(model, RefConv2d).values()
+              if m.refocus_weight.requires_grad]  # the trainable ones
+    calls = calls_per_step(bench, model, layers)
+    costs = layer_costs(layers, args.reps, calls)
+    shared = sorted({c for c in calls.values() if c > 1})
+    log(f'\n== {bench.name}: {bench.desc}: {len(layers)} trainable RefConv layers '
+        f'({sum(c > 1 for c in calls.values())} called more than once per step: {shared} calls)')
+    per_layer = seed_s = 0.0
+    groups = []
+    for (ksize, grouped), (n, f, fb, seed) in sorted(costs.items()):
+        per_step = fb + (0.0 if grouped else f)  # g=1: forward, then recompute + gradient
+        per_layer += per_step
+        seed_s += seed
+        groups.append({'kernel': list(ksize), 'grouped': grouped, 'layers': n, 'forward_s': f,
+                       'forward_grad_s': fb, 'per_step_s': per_step, 'seed_per_call_s': seed})
+        log(f'  {n:3d} layers {ksize[0]}x{ksize[1]} {"g>1" if grouped else "g=1"}: forward '
+            f'{1e3 * f:7.1f} ms, forward+grad {1e3 * fb:7.1f} ms, per step {1e3 * per_step:7.1f} '
+            f'ms (seed, per call: {1e3 * seed:7.1f} ms)')
+    seq = sequence_cost(layers, args.reps)
+    opt = optimizer_extra(layers, args.reps, args.optimizer, bench.lr)
+    log(f'  refocusing transform per training step: {1e3 * per_layer:.1f} ms (per-layer medians, '
+        f'hot), {1e3 * seq:.1f} ms (in sequence, cold); the seed\'s, refocusing on every call: '
+        f'{1e3 * seed_s:.1f} ms')
+    log(f'  optimizer extra (SGD {args.optimizer}): {1e3 * opt["extra"]:.1f} ms = '
+        f'{1e3 * opt["refocus"]:.1f} ms over {opt["refocus_params"] / 1e6:.1f} M refocusing '
+        f'weights - {1e3 * opt["basis"]:.1f} ms over {opt["basis_params"] / 1e6:.1f} M '
+        'basis-shaped weights')
+    res = {'groups': groups, 'transform_per_layer_s': per_layer, 'transform_in_sequence_s': seq,
+           'seed_transform_per_call_s': seed_s, 'optimizer': opt, 'vs_speed_json': {}}
+    for path, speed in speeds.items():
+        rows = {r['variant']: r for r in speed['rows'] if r['model'] == bench.name}
+        if not rows:
+            continue
+        plain_s, ref = rows['plain']['train_s'], rows['refconv_mm']
+        check = {'plain_train_s': plain_s, 'refconv_mm_gap': ref['train_ratio'] - 1,
+                 'refconv_mm_gap_paired': ref['train_ratio_paired'] - 1}
+        log(f'  vs {path}: plain step {plain_s:.3f} s; refconv_mm {ref["train_ratio"]:.3f}x '
+            f'({ref["train_ratio_paired"]:.3f}x paired)')
+        for label, cost in (('per-layer', per_layer), ('in-sequence', seq),
+                            ('per-layer + optimizer', per_layer + opt['extra']),
+                            ('in-sequence + optimizer', seq + opt['extra'])):
+            check[label] = {'share': cost / plain_s}
+            log(f'    refocusing share, {label:24s}: {cost / plain_s:6.1%} of the plain step '
+                f'(refconv_mm adds {check["refconv_mm_gap"]:+.1%}, paired '
+                f'{check["refconv_mm_gap_paired"]:+.1%})')
+        res['vs_speed_json'][path] = check
+    return res
 
 
 # -- report ------------------------------------------------------------------------
@@ -848,50 +1045,79 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add_bench_size_args(p)
     p.add_argument('--optimizer', choices=OPTIMIZER_IMPLS, default=DEFAULT_OPTIMIZER,
                    help='SGD implementation, the same for every variant (see make_optimizer)')
-    p.add_argument('--op-profile', type=int, default=0, metavar='K',
-                   help='also print the top K ops of one training step per variant')
     p.add_argument('--amp', action='store_true',
                    help='run every forward under torch.autocast (bf16 on CPU, fp16 on CUDA)')
     p.add_argument('--compile', action='store_true',
                    help='also time plain and refconv_mm with torch.compile (forward + loss)')
     p.add_argument('--compile-backend', default='inductor',
                    help='torch.compile backend for --compile (default inductor)')
-    p.add_argument('--out', default='outputs/benchmark/speed_memory.json')
-    return p.parse_args(argv)
+    view = p.add_mutually_exclusive_group()
+    view.add_argument('--ops', action='store_true',
+                      help='per-op self time of a training step, variants interleaved')
+    view.add_argument('--transform-cost', action='store_true',
+                      help='the refocusing transform alone, per layer type (CPU)')
+    p.add_argument('--rounds', type=int, default=8, help='--ops: profiled rounds after a warm-up')
+    p.add_argument('--top', type=int, default=25, help='--ops: ops listed per model')
+    p.add_argument('--reps', type=int, default=7, help='--transform-cost: repetitions (median)')
+    p.add_argument('--speed-json', nargs='+', default=[],
+                   help='--transform-cost: results of the default view, for shares of its steps')
+    p.add_argument('--out', default=None, help='JSON results (default: outputs/benchmark/'
+                   'speed_memory.json, ops.json or transform_cost.json by view)')
+    args = p.parse_args(argv)
+    if args.out is None:
+        name = 'ops' if args.ops else 'transform_cost' if args.transform_cost else 'speed_memory'
+        args.out = f'outputs/benchmark/{name}.json'
+    return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Run the benchmark, print the table and write the JSON."""
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the chosen view, print its report and write the JSON; return what was written."""
     args = parse_args(argv)
+    quiet_profiler()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = torch.device('cpu' if args.transform_cost else args.device)
     t_start = time.perf_counter()
     log(f'torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, '
-        f'{platform.processor() or platform.machine()}, {os.cpu_count()} cpus')
-    selfcheck = memory_self_check(device)
-    log(f'memory method self-check: expected {selfcheck["expected_bytes"]} B, measured '
-        f'{selfcheck["measured_bytes"]} B: ok')
-    results, rows = {}, []
-    for name in args.models:
-        results[name] = run_model(bench_from_args(name, args), args, device)
-        rows += summarize(name, results[name])
-    table = markdown_table(rows)
-    total = time.perf_counter() - t_start
-    log('\n' + table)
-    log(f'\ntotal runtime {total:.0f}s')
-    out = {
-        'args': vars(args), 'torch': torch.__version__, 'device': str(device),
-        'threads': torch.get_num_threads(), 'memory_self_check': selfcheck,
-        'memory_method': 'static (params+buffers+grads+optimizer state) + max running sum of '
-                         'profiler [memory] events during one step (CPU) / cuda peak increase',
-        'rows': rows, 'results': results, 'table': table, 'total_runtime_s': total,
-    }
+        f'{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, optimizer '
+        f'{args.optimizer}')
+    out: Dict[str, Any] = {'args': vars(args), 'torch': torch.__version__, 'device': str(device),
+                           'threads': torch.get_num_threads()}
+    results = {}
+    if args.ops:
+        for name in args.models:
+            results[name] = run_ops(bench_from_args(name, args), args, device)
+    elif args.transform_cost:
+        torch.manual_seed(0)
+        speeds = {}
+        for path in args.speed_json:
+            with open(path) as f:
+                speeds[path] = json.load(f)
+        for name in args.models:
+            results[name] = run_transform_cost(bench_from_args(name, args), args, speeds)
+    else:
+        selfcheck = memory_self_check(device)
+        log(f'memory method self-check: expected {selfcheck["expected_bytes"]} B, measured '
+            f'{selfcheck["measured_bytes"]} B: ok')
+        rows = []
+        for name in args.models:
+            results[name] = run_model(bench_from_args(name, args), args, device)
+            rows += summarize(name, results[name])
+        table = markdown_table(rows)
+        log('\n' + table)
+        out.update(memory_self_check=selfcheck, rows=rows, table=table, memory_method=(
+            'static (params+buffers+grads+optimizer state) + max running sum of profiler '
+            '[memory] events during one step (CPU) / cuda peak increase'))
+    out.update(results=results, total_runtime_s=time.perf_counter() - t_start)
+    log(f'\ntotal runtime {out["total_runtime_s"]:.0f}s')
     if osp.dirname(args.out):
         os.makedirs(osp.dirname(args.out), exist_ok=True)
-    with open(args.out, 'w') as f:
+    tmp = args.out + '.tmp'
+    with open(tmp, 'w') as f:
         json.dump(out, f, indent=1)
+    os.replace(tmp, args.out)  # atomic: an interrupted run leaves no half-written JSON
     log(f'wrote {args.out}')
+    return out
 
 
 if __name__ == '__main__':
