@@ -75,11 +75,16 @@ _PARSERS: Dict[str, object] = {}
 def tool_parser(script: str):
     """The ``parse_args`` of ``tools/...py``, imported from its file (its own module name)."""
     if script not in _PARSERS:
-        name = 'doc_tool_' + re.sub(r'\W', '_', script)
-        spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, script))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        path = osp.join(ROOT, script)
+        # a tool another test imported already (registering its modules) is reused, not re-run
+        module = next((m for m in list(sys.modules.values())
+                       if osp.abspath(getattr(m, '__file__', None) or '') == path), None)
+        if module is None:
+            name = 'doc_tool_' + re.sub(r'\W', '_', script)
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
         _PARSERS[script] = module.parse_args
     return _PARSERS[script]
 

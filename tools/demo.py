@@ -24,11 +24,20 @@ import subprocess
 import sys
 import time
 
+# Before torch loads here or in the tools this runs: OpenMP threads that spin while they wait
+# stall each other when another process holds a core (measured on 2 busy cores: one 128x128
+# forward 80-1600 ms, 36 ms with PASSIVE), which would land in the table's times.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without the editable install
     sys.path.insert(0, ROOT)
 from refconv_mm.experiments.runlogs import last_checkpoint, logged_metrics, train_curve  # noqa: E402
 
+# What each model runs at inference: baseline, continued and merged are the ORIGINAL config's
+# plain model; the refocused one, unmerged, computes each conv's kernel from its frozen basis
+# through the refocusing transform at every forward.
+ARCH = dict(baseline='plain', continued='plain', merged='plain',
+            refocused='plain + refocusing transform per conv (unmerged)')
 # Error lines are shown besides progress (but not build flags naming -Werror).
 PROBLEM = re.compile(r'^\s*(\w+(Error|Exception)\b|.*\bERROR\b)')
 
@@ -78,24 +87,39 @@ def run(args, log_path: str) -> float:
     return time.perf_counter() - t0
 
 
-def time_inference(cfg_path: str, ckpt: str, reps: int = 10) -> float:
-    """Median eval forward time (ms) of one val-sized image through the model as saved."""
+# Inference timing: every round times each model once on the same input, in an order rotated
+# every round (refconv_mm.experiments.timing). A multiple of 3 and 4 puts each of the three or
+# four models at every position equally often.
+INFER_ROUNDS, INFER_WARMUP, INFER_SIZE = 24, 2, (128, 128)
+
+
+def time_inference(arms: dict, rounds: int = INFER_ROUNDS, warmup: int = INFER_WARMUP) -> dict:
+    """Eval forward times (ms) of one val-sized image through each model as saved.
+
+    ``arms``: name -> (config, checkpoint), the first being the reference (the baseline).
+    Returns per-round times, medians and paired ratios to the reference (the median over rounds
+    of the model's time over the reference's in the same round).
+    """
     import torch
     from mmengine.config import Config
     from mmengine.runner import load_checkpoint
 
+    from refconv_mm.experiments.timing import interleaved_times, medians, paired_ratios
     from refconv_mm.verify import build_model, random_batch
-    model = build_model(Config.fromfile(cfg_path))
-    load_checkpoint(model, ckpt, map_location='cpu', logger='silent')
-    x, samples = random_batch(model, (128, 128))
-    times = []
+    models = {}
+    for name, (cfg_path, ckpt) in arms.items():
+        models[name] = build_model(Config.fromfile(cfg_path))
+        load_checkpoint(models[name], ckpt, map_location='cpu', logger='silent')
+    x, samples = random_batch(next(iter(models.values())), INFER_SIZE)  # one input for all
+    calls = {n: (lambda m=m: m(x, samples, mode='tensor')) for n, m in models.items()}
     with torch.no_grad():
-        for i in range(reps + 2):
-            t0 = time.perf_counter()
-            model(x, samples, mode='tensor')
-            if i >= 2:  # warm-up (and RefConv's kernel cache) excluded
-                times.append(time.perf_counter() - t0)
-    return 1e3 * sorted(times)[len(times) // 2]
+        secs = interleaved_times(calls, rounds=rounds, warmup=warmup)
+    ms = {n: [1e3 * t for t in ts] for n, ts in secs.items()}
+    return dict(median_ms=medians(ms), ratio=paired_ratios(ms, next(iter(ms))), rounds_ms=ms,
+                protocol=dict(rounds=rounds, warmup_rounds=warmup, order='rotated every round',
+                              input=f'1x3x{INFER_SIZE[0]}x{INFER_SIZE[1]}, the same for all',
+                              threads=torch.get_num_threads(),
+                              omp_wait_policy=os.environ.get('OMP_WAIT_POLICY')))
 
 
 def param_counts(cfg_path: str) -> dict:
@@ -243,9 +267,7 @@ def main(argv=None) -> int:
 
     next_stage('measuring parameters and inference time; writing the report')
     plain_p, ref_p = param_counts(baseline_cfg), param_counts(refconv_cfg)
-    infer = dict(plain=time_inference(baseline_cfg, base_ckpt),
-                 refocused=time_inference(refconv_cfg, ref_ckpt),
-                 merged=time_inference(baseline_cfg, merged))
+    infer = time_inference({a[0]: (a[1], a[2]) for a in arms})  # arms[0]: the baseline
     from mmengine.config import Config
     extra_iters = Config.fromfile(refconv_cfg).get('train_cfg', {}).get('max_iters', '')
     budget = f', +{extra_iters} it' if extra_iters else ''
@@ -263,12 +285,16 @@ def main(argv=None) -> int:
         trainable=dict(baseline=f"{plain_p['trainable']:,}",
                        continued=f"{plain_p['trainable']:,}", refocused=f"{ref_p['trainable']:,}"),
         split=dict(refocused=f"{ref_p['basis']:,} / {ref_p['refocus']:,}"),
-        infer=dict(baseline=f"{infer['plain']:.1f}", refocused=f"{infer['refocused']:.1f} "
-                   '(unmerged)', merged=f"{infer['merged']:.1f}"))
+        arch={n: ARCH[n] for n in names},
+        infer={n: f"{infer['median_ms'][n]:.1f}" for n in names},
+        ratio={n: 'reference' if n == names[0] else f"{infer['ratio'][n]:.2f}x" for n in names})
     labels = dict(metric='metric ' + key, time='training wall time (s)',
                   total='parameters (total)', trainable='  of which trainable',
                   split='  RefConv basis (frozen) / refocus',
-                  infer='inference, 1x128x128 (ms, median)')
+                  arch='architecture at inference',
+                  infer=f'inference, 1x{INFER_SIZE[0]}x{INFER_SIZE[1]} (ms, median of '
+                        f'{INFER_ROUNDS} interleaved rounds)',
+                  ratio='  time / baseline (median of per-round ratios)')
     rows = [(labels[r], *(cells[r].get(n, '-') for n in names)) for r in labels]
     table = ['| | ' + ' | '.join(cols[n] for n in names) + ' |',
              '| --- ' * (len(names) + 1) + '|'] + ['| ' + ' | '.join(r) + ' |' for r in rows]
@@ -278,12 +304,23 @@ def main(argv=None) -> int:
     curves['refocus (RefConv)'] = train_curve(osp.join(work, 'refocus'))
     plot = osp.join(work, 'training_curves.png')
     plot_curves(plot, curves, metrics, key)
+    plain = [n for n in names if ARCH[n] == ARCH['baseline']]
+    spread = [infer['median_ms'][n] for n in plain]
+    note = (f'Inference: {INFER_ROUNDS} rounds (after {INFER_WARMUP} warm-up rounds), each '
+            'timing every model once on the same input, the order rotated every round. '
+            f'{", ".join(plain)} run the same plain architecture: their medians '
+            f'({min(spread):.1f}-{max(spread):.1f} ms) differ by this machine\'s noise alone. '
+            'Compare models by the ratio row: each ratio divides two times of the same round, '
+            'so load that changes during the measurement cancels.')
     with open(osp.join(work, 'summary.md'), 'w') as f:
-        f.write('\n'.join(table) + '\n')
+        f.write('\n'.join(table) + '\n\n' + note + '\n')
     with open(osp.join(work, 'summary.json'), 'w') as f:
         json.dump(dict(metrics=metrics, times=times, params=dict(plain=plain_p, refconv=ref_p),
-                       inference_ms=infer, checkpoints={a[0]: a[2] for a in arms}), f, indent=2)
-    print('\n' + '\n'.join(table))
+                       architecture={n: ARCH[n] for n in names},
+                       inference_ms=infer['median_ms'], inference_ratio_to_baseline=infer['ratio'],
+                       inference_rounds_ms=infer['rounds_ms'], inference_protocol=infer['protocol'],
+                       checkpoints={a[0]: a[2] for a in arms}), f, indent=2)
+    print('\n' + '\n'.join(table) + '\n\n' + note)
     print(f'\nDone in {time.perf_counter() - t0:.0f} s. Outputs in {work}:')
     print(f'  summary.md / summary.json   the table above\n  training_curves.png         '
           f'loss curves and {key}\n  merged.pth, merged_config.py the deployable plain model\n'

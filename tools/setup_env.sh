@@ -43,12 +43,20 @@ step "runtime requirements"
 step "mmengine 0.10.7"
 "${PIP[@]}" install -q --no-deps mmengine==0.10.7
 if ! "$VENV/bin/python" -c 'import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ != "2.1.0")' 2>/dev/null; then
-    step "mmcv 2.1.0 from source with CPU ops (20-40 minutes on 2 cores the first time; pip caches the wheel)"
-    "${PIP[@]}" install -q -r "$ROOT/requirements/build.txt"
-    MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="$(nproc)" \
+    step "mmcv 2.1.0 from source with CPU ops (10-15 minutes on 2 cores the first time; pip caches the wheel)"
+    # mmcv 2.1.0 builds with setuptools<70 (requirements/build.txt) while torch 2.13 wants >=77:
+    # the build-time packages go into a directory of their own, first on the build's path, and
+    # .venv's setuptools never changes. --no-warn-conflicts: pip compares a --target install with
+    # .venv's packages, which never share an environment with it (pypa/pip#7821).
+    BUILD_DEPS="$(mktemp -d)"
+    trap 'rm -rf "$BUILD_DEPS"' EXIT
+    "${PIP[@]}" install -q --no-warn-conflicts --target "$BUILD_DEPS" \
+        -r "$ROOT/requirements/build.txt"
+    PYTHONPATH="$BUILD_DEPS${PYTHONPATH:+:$PYTHONPATH}" PATH="$BUILD_DEPS/bin:$PATH" \
+        MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="$(nproc)" \
         "${PIP[@]}" install --no-build-isolation --no-deps mmcv==2.1.0
-    # back to the runtime setuptools (torch wants >=77, mmengine's pkg_resources needs <82)
-    "${PIP[@]}" install -q -r "$ROOT/requirements/runtime.txt"
+    rm -rf "$BUILD_DEPS"
+    trap - EXIT
 fi
 step "mmdet 3.3.0, mmsegmentation 1.2.2"
 "${PIP[@]}" install -q -r "$ROOT/requirements/openmmlab.txt" -c "$ROOT/requirements/runtime.txt"

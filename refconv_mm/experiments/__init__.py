@@ -3,5 +3,6 @@
 Generated data sets (:mod:`.shapes_data`), configs that point installed
 mmdet/mmseg/mmpretrain configs at them (:mod:`.shapes_configs`), two real offline digit
 sets (:mod:`.digits_data`) and the MobileNetV3 arch sized for them (:mod:`.digits_model`),
-and readers of mmengine run logs (:mod:`.runlogs`). ``import refconv_mm`` does not import them.
+readers of mmengine run logs (:mod:`.runlogs`) and interleaved, rotated timing of
+variants against each other (:mod:`.timing`). ``import refconv_mm`` does not import them.
 """

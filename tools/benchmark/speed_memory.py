@@ -132,6 +132,7 @@ if ROOT not in sys.path:  # run from a checkout without the editable install
     sys.path.insert(0, ROOT)
 
 from refconv_mm import RefConv2d, merge_refconv  # noqa: E402
+from refconv_mm.experiments.timing import rotated  # noqa: E402
 from refconv_mm.refocus import refocus_kernel  # noqa: E402
 
 TRAIN_VARIANTS = ('plain', 'seed', 'refconv_mm')
@@ -482,7 +483,7 @@ def round_robin(names: Sequence[str], warmup: int, steps: int,
     for i in range(warmup + steps):
         tag = f'warmup {i + 1}/{warmup}' if i < warmup else f'step {i - warmup + 1}/{steps}'
         parts = []
-        for n in names[i % len(names):] + names[:i % len(names)]:
+        for n in rotated(names, i):
             dt, extra = run(n)
             if i >= warmup:
                 times[n].append(dt)
