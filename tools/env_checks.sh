@@ -19,3 +19,10 @@ need_disk() {
         exit 2
     fi
 }
+
+# pip_run CMD...: run a pip command without one line per project that a file:// extra index of the
+# machine's pip.conf lacks ("WARNING: Location 'file:///...' is ignored: it is neither a file nor
+# a directory.": 120 of them on the CI machines). That exact line only; every other line stays.
+pip_run() {
+    "$@" 2> >(grep -v "^WARNING: Location 'file://.*' is ignored: it is neither a file nor a directory\.$" >&2)
+}

@@ -35,13 +35,13 @@ if ! "$VENV/bin/python" -c 'import sys, torch, torchvision
 sys.exit(not (torch.__version__.startswith("2.13.0") and torchvision.__version__.startswith("0.28.0")))
 ' 2>/dev/null; then
     step "torch 2.13.0 + torchvision 0.28.0 (PyPI builds, about 3 GB with the CUDA runtime packages)"
-    "${PIP[@]}" uninstall -q -y torch torchvision 2>/dev/null || true
-    "${PIP[@]}" install -q 'torch===2.13.0' 'torchvision===0.28.0' -c "$ROOT/requirements/runtime.txt"
+    pip_run "${PIP[@]}" uninstall -q -y torch torchvision 2>/dev/null || true
+    pip_run "${PIP[@]}" install -q 'torch===2.13.0' 'torchvision===0.28.0' -c "$ROOT/requirements/runtime.txt"
 fi
 step "runtime requirements"
-"${PIP[@]}" install -q -r "$ROOT/requirements/runtime.txt"
+pip_run "${PIP[@]}" install -q -r "$ROOT/requirements/runtime.txt"
 step "mmengine 0.10.7"
-"${PIP[@]}" install -q --no-deps mmengine==0.10.7
+pip_run "${PIP[@]}" install -q --no-deps mmengine==0.10.7
 if ! "$VENV/bin/python" -c 'import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ != "2.1.0")' 2>/dev/null; then
     step "mmcv 2.1.0 from source with CPU ops (10-15 minutes on 2 cores the first time; pip caches the wheel)"
     # mmcv 2.1.0 builds with setuptools<70 (requirements/build.txt) while torch 2.13 wants >=77:
@@ -50,22 +50,22 @@ if ! "$VENV/bin/python" -c 'import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version_
     # .venv's packages, which never share an environment with it (pypa/pip#7821).
     BUILD_DEPS="$(mktemp -d)"
     trap 'rm -rf "$BUILD_DEPS"' EXIT
-    "${PIP[@]}" install -q --no-warn-conflicts --target "$BUILD_DEPS" \
+    pip_run "${PIP[@]}" install -q --no-warn-conflicts --target "$BUILD_DEPS" \
         -r "$ROOT/requirements/build.txt"
     PYTHONPATH="$BUILD_DEPS${PYTHONPATH:+:$PYTHONPATH}" PATH="$BUILD_DEPS/bin:$PATH" \
         MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="$(nproc)" \
-        "${PIP[@]}" install --no-build-isolation --no-deps mmcv==2.1.0
+        pip_run "${PIP[@]}" install --no-build-isolation --no-deps mmcv==2.1.0
     rm -rf "$BUILD_DEPS"
     trap - EXIT
 fi
 step "mmdet 3.3.0, mmsegmentation 1.2.2"
-"${PIP[@]}" install -q -r "$ROOT/requirements/openmmlab.txt" -c "$ROOT/requirements/runtime.txt"
+pip_run "${PIP[@]}" install -q -r "$ROOT/requirements/openmmlab.txt" -c "$ROOT/requirements/runtime.txt"
 step "test and tool requirements"
-"${PIP[@]}" install -q -r "$ROOT/requirements/tests.txt" -c "$ROOT/requirements/runtime.txt"
+pip_run "${PIP[@]}" install -q -r "$ROOT/requirements/tests.txt" -c "$ROOT/requirements/runtime.txt"
 step "deploy stack: onnx, onnxruntime, mmdeploy 1.3.1 (--no-deps: its deps are requirements/deploy.txt)"
-"${PIP[@]}" install -q -r "$ROOT/requirements/deploy.txt" -c "$ROOT/requirements/runtime.txt"
-"${PIP[@]}" install -q --no-deps mmdeploy==1.3.1
+pip_run "${PIP[@]}" install -q -r "$ROOT/requirements/deploy.txt" -c "$ROOT/requirements/runtime.txt"
+pip_run "${PIP[@]}" install -q --no-deps mmdeploy==1.3.1
 step "refconv_mm (editable)"
-"${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
+pip_run "${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
 "$VENV/bin/python" -c 'import refconv_mm, mmdet, mmseg, mmcv.ops, mmdeploy, onnxruntime; print("[setup] ok: refconv_mm", refconv_mm.__version__)'
 echo "$WANT" > "$STAMP"

@@ -41,22 +41,22 @@ step() { echo "[setup-oldest] $*"; }
 step "pip, setuptools<70, wheel"
 # setuptools<70 is this stack's own pin (requirements/oldest.txt); setuptools<70.1 needs wheel to
 # build any wheel with --no-build-isolation (refconv_mm's, tests/test_install.py's).
-"${PIP[@]}" install -q -U 'pip<25' setuptools wheel "${C[@]}"
+pip_run "${PIP[@]}" install -q -U 'pip<25' setuptools wheel "${C[@]}"
 # torch 2.0.1 as PyPI builds it: its CUDA 11.7 runtime packages come along (the wheel links
 # them at import even on a machine without a GPU).
 step "torch 2.0.1 + torchvision 0.15.2, numpy<1.25 (about 2.5 GB with the CUDA runtime packages)"
-"${PIP[@]}" install -q torch torchvision numpy "${C[@]}"
+pip_run "${PIP[@]}" install -q torch torchvision numpy "${C[@]}"
 # Before mmengine: openmim's openxlab pins (rich, packaging, requests, setuptools ~=60.2) would
 # otherwise reinstall packages under the --no-deps mmengine, and pip's check would then name its
 # opencv-python (headless OpenCV stands in) in an ERROR line.
 step "test and tool requirements"
-"${PIP[@]}" install -q -r "$ROOT/requirements/tests.txt" "${C[@]}"
+pip_run "${PIP[@]}" install -q -r "$ROOT/requirements/tests.txt" "${C[@]}"
 # torch 2.0's ONNX exporter imports onnx to write a file (tests/test_refconv_layer.py)
-"${PIP[@]}" install -q onnx "${C[@]}"
+pip_run "${PIP[@]}" install -q onnx "${C[@]}"
 step "mmengine 0.10.7 and its requirements (headless OpenCV instead of opencv-python)"
-"${PIP[@]}" install -q opencv-python-headless addict matplotlib pyyaml rich termcolor yapf \
+pip_run "${PIP[@]}" install -q opencv-python-headless addict matplotlib pyyaml rich termcolor yapf \
     packaging Pillow ftfy regex "${C[@]}"
-"${PIP[@]}" install -q --no-deps mmengine "${C[@]}"
+pip_run "${PIP[@]}" install -q --no-deps mmengine "${C[@]}"
 if ! "$VENV/bin/python" -c 'import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ != "2.1.0")' 2>/dev/null; then
     step "mmcv 2.1.0 from source with CPU ops against torch 2.0.1 (10-20 minutes on 2 cores the first time; pip caches the wheel)"
     # As in tools/setup_env.sh: requirements/build.txt goes into a directory of its own, first
@@ -64,18 +64,18 @@ if ! "$VENV/bin/python" -c 'import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version_
     # install with the venv's packages, which never share an environment with it; pypa/pip#7821).
     BUILD_DEPS="$(mktemp -d)"
     trap 'rm -rf "$BUILD_DEPS"' EXIT
-    "${PIP[@]}" install -q --no-warn-conflicts --target "$BUILD_DEPS" \
+    pip_run "${PIP[@]}" install -q --no-warn-conflicts --target "$BUILD_DEPS" \
         -r "$ROOT/requirements/build.txt" "${C[@]}"
     PYTHONPATH="$BUILD_DEPS${PYTHONPATH:+:$PYTHONPATH}" PATH="$BUILD_DEPS/bin:$PATH" \
         MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="$(nproc)" \
-        "${PIP[@]}" install --no-build-isolation --no-deps mmcv "${C[@]}"
+        pip_run "${PIP[@]}" install --no-build-isolation --no-deps mmcv "${C[@]}"
     rm -rf "$BUILD_DEPS"
     trap - EXIT
 fi
 step "mmdet 3.3.0, mmsegmentation 1.2.2, mmpretrain 1.2.0"
-"${PIP[@]}" install -q mmdet mmsegmentation mmpretrain "${C[@]}"
+pip_run "${PIP[@]}" install -q mmdet mmsegmentation mmpretrain "${C[@]}"
 step "refconv_mm (editable, as a user installs it: pip resolves its ranges against this stack)"
-"${PIP[@]}" install -q --no-build-isolation -e "$ROOT" "${C[@]}"
+pip_run "${PIP[@]}" install -q --no-build-isolation -e "$ROOT" "${C[@]}"
 "$VENV/bin/python" -c 'import refconv_mm, torch, mmcv.ops, mmdet, mmseg, mmpretrain
 print("[setup-oldest] ok: refconv_mm", refconv_mm.__version__, "torch", torch.__version__)'
 echo "$WANT" > "$STAMP"
