@@ -1,5 +1,6 @@
-# Checks both set-up scripts (setup_env.sh, setup_env_oldest.sh) make before they build a venv.
-# Sourced, not run: each function exits the calling script with status 2 and a message.
+# What both set-up scripts (setup_env.sh, setup_env_oldest.sh) share: the checks they make before
+# they build a venv (each exits the calling script with status 2 and a message), pip_run and
+# build_mmcv. Sourced, not run.
 
 # need_cxx: mmcv's CPU ops are compiled.
 need_cxx() {
@@ -25,4 +26,23 @@ need_disk() {
 # a directory.": 120 of them on the CI machines). That exact line only; every other line stays.
 pip_run() {
     "$@" 2> >(grep -v "^WARNING: Location 'file://.*' is ignored: it is neither a file nor a directory\.$" >&2)
+}
+
+# build_mmcv SPEC [PIP_ARGS...]: pip-install mmcv SPEC from source with its CPU ops into the venv
+# of the caller's PIP array. mmcv 2.1.0 builds with setuptools<70 while torch 2.13 wants >=77, so
+# requirements/build.txt goes into a temporary directory first on the build's PYTHONPATH and PATH
+# and the venv's setuptools never changes (--no-warn-conflicts: pip would compare a --target
+# install with the venv's packages, which never share an environment with it; pypa/pip#7821).
+build_mmcv() {
+    local spec="$1" deps
+    shift
+    deps="$(mktemp -d)"
+    trap "rm -rf '$deps'" EXIT  # the path now: the local is gone when the trap runs
+    pip_run "${PIP[@]}" install -q --no-warn-conflicts --target "$deps" \
+        -r "$ROOT/requirements/build.txt" "$@"
+    PYTHONPATH="$deps${PYTHONPATH:+:$PYTHONPATH}" PATH="$deps/bin:$PATH" \
+        MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="$(nproc)" \
+        pip_run "${PIP[@]}" install --no-build-isolation --no-deps "$spec" "$@"
+    rm -rf "$deps"
+    trap - EXIT
 }

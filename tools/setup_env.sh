@@ -44,19 +44,7 @@ step "mmengine 0.10.7"
 pip_run "${PIP[@]}" install -q --no-deps mmengine==0.10.7
 if ! "$VENV/bin/python" -c 'import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ != "2.1.0")' 2>/dev/null; then
     step "mmcv 2.1.0 from source with CPU ops (10-15 minutes on 2 cores the first time; pip caches the wheel)"
-    # mmcv 2.1.0 builds with setuptools<70 (requirements/build.txt) while torch 2.13 wants >=77:
-    # the build-time packages go into a directory of their own, first on the build's path, and
-    # .venv's setuptools never changes. --no-warn-conflicts: pip compares a --target install with
-    # .venv's packages, which never share an environment with it (pypa/pip#7821).
-    BUILD_DEPS="$(mktemp -d)"
-    trap 'rm -rf "$BUILD_DEPS"' EXIT
-    pip_run "${PIP[@]}" install -q --no-warn-conflicts --target "$BUILD_DEPS" \
-        -r "$ROOT/requirements/build.txt"
-    PYTHONPATH="$BUILD_DEPS${PYTHONPATH:+:$PYTHONPATH}" PATH="$BUILD_DEPS/bin:$PATH" \
-        MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="$(nproc)" \
-        pip_run "${PIP[@]}" install --no-build-isolation --no-deps mmcv==2.1.0
-    rm -rf "$BUILD_DEPS"
-    trap - EXIT
+    build_mmcv mmcv==2.1.0
 fi
 step "mmdet 3.3.0, mmsegmentation 1.2.2"
 pip_run "${PIP[@]}" install -q -r "$ROOT/requirements/openmmlab.txt" -c "$ROOT/requirements/runtime.txt"

@@ -59,18 +59,7 @@ pip_run "${PIP[@]}" install -q opencv-python-headless addict matplotlib pyyaml r
 pip_run "${PIP[@]}" install -q --no-deps mmengine "${C[@]}"
 if ! "$VENV/bin/python" -c 'import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ != "2.1.0")' 2>/dev/null; then
     step "mmcv 2.1.0 from source with CPU ops against torch 2.0.1 (10-20 minutes on 2 cores the first time; pip caches the wheel)"
-    # As in tools/setup_env.sh: requirements/build.txt goes into a directory of its own, first
-    # on the build's path, not into the venv (--no-warn-conflicts: pip compares a --target
-    # install with the venv's packages, which never share an environment with it; pypa/pip#7821).
-    BUILD_DEPS="$(mktemp -d)"
-    trap 'rm -rf "$BUILD_DEPS"' EXIT
-    pip_run "${PIP[@]}" install -q --no-warn-conflicts --target "$BUILD_DEPS" \
-        -r "$ROOT/requirements/build.txt" "${C[@]}"
-    PYTHONPATH="$BUILD_DEPS${PYTHONPATH:+:$PYTHONPATH}" PATH="$BUILD_DEPS/bin:$PATH" \
-        MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="$(nproc)" \
-        pip_run "${PIP[@]}" install --no-build-isolation --no-deps mmcv "${C[@]}"
-    rm -rf "$BUILD_DEPS"
-    trap - EXIT
+    build_mmcv mmcv "${C[@]}"
 fi
 step "mmdet 3.3.0, mmsegmentation 1.2.2, mmpretrain 1.2.0"
 pip_run "${PIP[@]}" install -q mmdet mmsegmentation mmpretrain "${C[@]}"

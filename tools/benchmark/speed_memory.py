@@ -776,7 +776,7 @@ def quiet_profiler() -> None:
 
 def op_times(bench: Bench, variants: Dict[str, Variant], data, rounds: int,
              device: torch.device) -> Dict[str, dict]:
-    """``{variant: {'ops': {op: ms/step}, 'calls': {op: calls/step}, 'walls': [s]}}``."""
+    """``{variant: {'ops_ms': {op: ms/step}, 'calls': {op: calls/step}, 'walls_s': [s]}}``."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     attr = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
