@@ -132,7 +132,7 @@ if ROOT not in sys.path:  # run from a checkout without the editable install
     sys.path.insert(0, ROOT)
 
 from refconv_mm import RefConv2d, merge_refconv  # noqa: E402
-from refconv_mm.experiments.timing import rotated  # noqa: E402
+from refconv_mm.experiments.timing import paired_ratios, rotated  # noqa: E402
 from refconv_mm.refocus import refocus_kernel  # noqa: E402
 
 TRAIN_VARIANTS = ('plain', 'seed', 'refconv_mm')
@@ -966,6 +966,9 @@ def summarize(name: str, res: dict) -> List[dict]:
     base_t, base_e = _median(tt['plain']), _median(et['plain'])
     base_m = mem['plain']['peak']
     noise = max(MERGED_MIN_NOISE, _iqr_rel(et['plain']))
+    # Paired: steps of one round run back to back, so their ratio cancels the drift that moves
+    # whole rounds (this shared VM's steps move by +-10 %).
+    vs_plain = paired_ratios(tt, 'plain')
     rows = []
     for v in EVAL_VARIANTS[:-1] + tuple(n for n in tt if n not in EVAL_VARIANTS) + ('merged', ):
         row: Dict[str, Any] = {'model': name, 'variant': v}
@@ -973,14 +976,11 @@ def summarize(name: str, res: dict) -> List[dict]:
             row['train_s'] = _median(tt[v])
             row['train_ratio'] = row['train_s'] / base_t
             row['train_spread_rel'] = _iqr_rel(tt[v])
-            # Paired: steps of one round run back to back, so their ratio cancels the drift
-            # that moves whole rounds (this shared VM's steps move by +-10 %).
-            row['train_ratio_paired'] = _median([a / b for a, b in zip(tt[v], tt['plain'])])
+            row['train_ratio_paired'] = vs_plain[v]
             if v == 'refconv_mm':
-                row['vs_seed_paired'] = _median([a / b for a, b in zip(tt[v], tt['seed'])])
+                row['vs_seed_paired'] = paired_ratios(tt, 'seed')[v]
             if v.endswith('+compile'):  # against its own eager variant, step by step
-                eager = v[:-len('+compile')]
-                row['vs_eager_paired'] = _median([a / b for a, b in zip(tt[v], tt[eager])])
+                row['vs_eager_paired'] = paired_ratios(tt, v[:-len('+compile')])[v]
             faults = res.get('train_minor_faults', {}).get(v)
             row['train_minor_faults'] = statistics.mean(faults) if faults else None
             row['peak_mib'] = mem[v]['peak'] / MIB
