@@ -478,7 +478,12 @@ def plot(results: Dict[str, Dict[str, object]], path: str) -> None:
         for k, r in enumerate(probes):
             ax.plot([r['round'] + 1] * len(r['probe_metrics']), r['probe_metrics'], 'x',
                     color='gray', label='a further round, probe seeds' if k == 0 else None)
-        ax.set_title(f'{task}: rounds of the schedule')
+        if not probes and 'continue' in res['arms']:  # --short: no probes, the continue arm
+            further = res['arms']['continue']['values']
+            ax.plot([res['plateau']['plateau_round'] + 1] * len(further), further, 'x',
+                    color='gray', label='a further round, continue arm seeds')
+        short = ' (short budget)' if res['plateau'].get('short') else ''
+        ax.set_title(f'{task}: rounds of the schedule{short}')
         ax.set_xlabel('round')
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # whole rounds
         ax.set_ylabel(res['metric'][1])
